@@ -1,0 +1,110 @@
+"""The data plane's immutable view of the configuration.
+
+The proxy never reads the database on the hot path. The config reloader builds a :class:`Snapshot` from the store
+whenever the stored config version changes and swaps it in atomically (a single attribute assignment); a request
+takes the snapshot once when it starts and keeps it to the end, so an edit never changes a request in flight.
+
+Everything here is plain, frozen data: secrets are already decrypted, URLs already split, disabled owners already
+folded into ``GatewayKeyView.enabled``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trioproxy.pricing import PriceTable
+
+
+class ProviderKind(enum.StrEnum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a provider lives: the pool keys connections by this."""
+
+    scheme: str  # "http" or "https"
+    host: str
+    port: int
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderView:
+    id: int
+    name: str
+    kind: ProviderKind
+    origin: Origin
+    path_prefix: str  # "" or "/api": put before every route path
+    extra_headers: tuple[tuple[str, str], ...]
+    connect_timeout: float
+    first_byte_timeout: float
+    idle_timeout: float
+    total_timeout: float
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKeyView:
+    id: int
+    name: str
+    provider_id: int
+    owner_id: int | None
+    secret: str = field(repr=False)
+    weight: int
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayKeyView:
+    id: int
+    name: str
+    owner_id: int | None
+    provider_id: int
+    prefix: str  # the displayable start of the key, safe to log
+    pool: tuple[int, ...]  # provider key ids, in a stable order
+    strategy: str
+    retry_count: int
+    allowed_models: tuple[str, ...] | None  # None: any model
+    expires_at: float | None  # unix time
+    enabled: bool  # False also when the owner is disabled
+    # Overrides of the provider's timeouts; None keeps the provider's.
+    first_byte_timeout: float | None = None
+    total_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    providers: Mapping[int, ProviderView]
+    provider_keys: Mapping[int, ProviderKeyView]
+    gateway_keys: Mapping[str, GatewayKeyView]  # by SHA-256 hex digest of the full key
+    prices: PriceTable
+
+    @classmethod
+    def build(
+        cls,
+        version: int,
+        providers: list[ProviderView],
+        provider_keys: list[ProviderKeyView],
+        gateway_keys: Mapping[str, GatewayKeyView],
+        prices: PriceTable,
+    ) -> Snapshot:
+        return cls(
+            version=version,
+            providers=MappingProxyType({p.id: p for p in providers}),
+            provider_keys=MappingProxyType({k.id: k for k in provider_keys}),
+            gateway_keys=MappingProxyType(dict(gateway_keys)),
+            prices=prices,
+        )
