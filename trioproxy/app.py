@@ -1,0 +1,158 @@
+"""Process assembly: one trio process, one nursery tree.
+
+::
+
+    serve_forever
+    └── run_gateway                       (one nursery: services, then the front)
+        ├── metering writer               (batches request rows into the database)
+        ├── upstream connection pool      (housekeeping of idle provider connections)
+        ├── config reloader               (swaps the snapshot when the config version moves)
+        └── front
+            └── proxy server :8080        (one task per client connection)
+
+Shutdown (SIGTERM/SIGINT, or :meth:`RunningGateway.request_stop`) runs in this order: the proxy stops accepting and
+drains in-flight requests until the drain deadline; then the metering writer flushes every queued row (into the
+database, or the spool file if the database is unavailable); then the services are cancelled. Nothing here happens
+at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import ssl
+from dataclasses import dataclass, field
+
+import trio
+from sqlalchemy import Engine
+
+from trioproxy.crypto import SecretBox, load_or_create_master_key
+from trioproxy.errors import ConfigError
+from trioproxy.forward import Forwarder
+from trioproxy.metering import MeteringWriter
+from trioproxy.pool import ConnectionPool
+from trioproxy.reloader import ConfigReloader, SnapshotHolder
+from trioproxy.server import ProxyServer
+from trioproxy.settings import Settings
+from trioproxy.ssrf import is_address_allowed
+from trioproxy.store.db import create_engine_for, migrations_current, run_migrations
+from trioproxy.store.prices import seed_prices_if_empty
+from trioproxy.store.request_log import insert_request_records
+from trioproxy.store.snapshot_loader import load_snapshot, read_config_version
+
+logger = logging.getLogger(__name__)
+
+# How long the metering writer may take to flush on shutdown, after the drain.
+METERING_FLUSH_TIMEOUT = 10.0
+
+
+@dataclass
+class RunningGateway:
+    """Handle on a started gateway: its bound ports and its parts, for the CLI, tests and the benchmarks."""
+
+    settings: Settings
+    proxy_port: int
+    snapshots: SnapshotHolder
+    metering: MeteringWriter
+    pool: ConnectionPool
+    server: ProxyServer
+    reloader: ConfigReloader
+    engine: Engine
+    _stop: trio.Event = field(default_factory=trio.Event)
+
+    def request_stop(self) -> None:
+        """Begin the graceful shutdown; the nursery that started the gateway waits for it to finish."""
+        self._stop.set()
+
+
+def open_store(settings: Settings) -> tuple[Engine, SecretBox]:
+    """Prepare the database (blocking: run it in a thread): migrate the embedded SQLite, check the schema, seed
+    prices on first start, and load (or create) the master key for secrets at rest."""
+    url = settings.resolved_database_url
+    if settings.is_embedded_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        run_migrations(url)
+    engine = create_engine_for(url)
+    if not migrations_current(engine):
+        engine.dispose()
+        raise ConfigError("the database schema is not current: run `trioproxy migrate` first")
+    seed_prices_if_empty(engine)
+    return engine, SecretBox(load_or_create_master_key(settings))
+
+
+async def run_gateway(
+    settings: Settings,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[RunningGateway] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the data plane until :meth:`RunningGateway.request_stop` is called, then shut down gracefully."""
+    engine, box = await trio.to_thread.run_sync(open_store, settings)
+    try:
+        reloader = ConfigReloader(
+            functools.partial(read_config_version, engine),
+            functools.partial(load_snapshot, engine, box, settings.upstream),
+            poll_interval=settings.config_poll_interval,
+        )
+        snapshots = await reloader.load_initial()
+        metering = MeteringWriter(
+            settings.metering, settings.spool_path, functools.partial(insert_request_records, engine)
+        )
+        pool = ConnectionPool(
+            max_connections_per_origin=settings.upstream.max_connections_per_origin,
+            idle_expiry=settings.upstream.pool_idle_expiry,
+            ssl_context=ssl_context or ssl.create_default_context(),
+            address_allowed=functools.partial(
+                is_address_allowed, allow_private=settings.allow_private_upstreams
+            ),
+            max_response_header_bytes=settings.upstream.max_response_header_bytes,
+        )
+        forwarder = Forwarder(settings, snapshots, pool, metering)
+        server = ProxyServer(settings.limits, forwarder, forwarder.reject)
+        async with trio.open_nursery() as services:
+            await services.start(metering.run)
+            await services.start(pool.run)
+            await services.start(reloader.run)
+            async with trio.open_nursery() as front:
+                port = await front.start(server.serve, settings.proxy_host, settings.proxy_port)
+                gateway = RunningGateway(
+                    settings=settings,
+                    proxy_port=port,
+                    snapshots=snapshots,
+                    metering=metering,
+                    pool=pool,
+                    server=server,
+                    reloader=reloader,
+                    engine=engine,
+                )
+                logger.info("proxy listening on %s:%s", settings.proxy_host, port)
+                task_status.started(gateway)
+                await gateway._stop.wait()
+                logger.info("draining %s in-flight requests", server.active_requests)
+                await server.drain(trio.current_time() + settings.drain_timeout)
+                front.cancel_scope.cancel()
+            await metering.flush_and_close(METERING_FLUSH_TIMEOUT)
+            services.cancel_scope.cancel()
+    finally:
+        with trio.move_on_after(5, shield=True):
+            await trio.to_thread.run_sync(engine.dispose)
+
+
+async def _serve_until_signalled(settings: Settings) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            gateway: RunningGateway = await nursery.start(run_gateway, settings)
+            print(f"trioproxy: proxy listening on {settings.proxy_host}:{gateway.proxy_port}", flush=True)
+            async for signum in signals:
+                logger.info("received %s: shutting down", signal.Signals(signum).name)
+                gateway.request_stop()
+                break
+
+
+def serve_forever(settings: Settings) -> None:
+    """The ``trioproxy serve`` command: run until SIGTERM/SIGINT, drain, flush, return (exit status 0)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    trio.run(_serve_until_signalled, settings)
