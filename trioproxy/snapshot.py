@@ -37,7 +37,8 @@ class Origin:
     @property
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literals are bracketed
+        return host if self.port == default else f"{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
