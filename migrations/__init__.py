@@ -1,0 +1,1 @@
+"""Alembic migrations of the trioproxy schema; shipped as a package so they run from any working directory."""

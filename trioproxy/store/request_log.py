@@ -1,0 +1,107 @@
+"""The ``requests`` table: batch inserts from the metering writer, and reads for usage reports.
+
+Inserts are idempotent (``INSERT ... ON CONFLICT (request_id) DO NOTHING`` on both dialects): the metering
+writer may replay a batch from its spool after a crash or a lost commit acknowledgement, and a replay must not
+count a request twice. A batch is one transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+from trioproxy.records import RequestRecord
+from trioproxy.store.db import write_transaction
+from trioproxy.store.models import RequestRow
+
+_REQUESTS = cast(sa.Table, RequestRow.__table__)
+
+
+def record_to_row(r: RequestRecord) -> dict[str, Any]:
+    """The column values of one record (timestamps aware UTC, costs exact decimals or None)."""
+    cost = r.cost
+    return {
+        "request_id": r.request_id,
+        "started_at": dt.datetime.fromtimestamp(r.started_at, dt.UTC),
+        "gateway_key_id": r.gateway_key_id,
+        "provider_key_id": r.provider_key_id,
+        "user_id": r.user_id,
+        "provider_id": r.provider_id,
+        "provider_kind": r.provider_kind,
+        "route": r.route,
+        "method": r.method,
+        "path": r.path,
+        "model": r.model,
+        "stream": r.stream,
+        "status": r.status,
+        "outcome": r.outcome.value,
+        "input_tokens": r.usage.input_tokens,
+        "output_tokens": r.usage.output_tokens,
+        "cache_read_tokens": r.usage.cache_read_tokens,
+        "cache_write_tokens": r.usage.cache_write_tokens,
+        "reasoning_tokens": r.usage.reasoning_tokens,
+        "usage_reported": r.usage.reported,
+        "usage_complete": r.usage.complete,
+        "usage_partial": r.usage_partial,
+        "cost_input": None if cost is None else cost.input,
+        "cost_output": None if cost is None else cost.output,
+        "cost_cache_read": None if cost is None else cost.cache_read,
+        "cost_cache_write": None if cost is None else cost.cache_write,
+        "cost_total": None if cost is None else cost.total,
+        "price_missing": r.price_missing,
+        "ttfb_ms": r.ttfb_ms,
+        "duration_ms": r.duration_ms,
+        "attempts": r.attempts,
+        "client_ip": r.client_ip,
+        "error": r.error,
+    }
+
+
+def row_to_json(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A stored row as JSON-ready values: ISO-8601 timestamps, decimals as strings (never floats)."""
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        if isinstance(value, dt.datetime):
+            out[name] = value.isoformat()
+        elif isinstance(value, Decimal):
+            out[name] = str(value)
+        else:
+            out[name] = value
+    return out
+
+
+def insert_request_records(engine: Engine, records: Sequence[RequestRecord]) -> int:
+    """Insert a batch in one transaction; rows whose request_id is already stored are skipped.
+
+    Returns the number of rows actually inserted.
+    """
+    if not records:
+        return 0
+    rows = [record_to_row(record) for record in records]
+    with write_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            stmt: Any = postgresql.insert(_REQUESTS).on_conflict_do_nothing(index_elements=["request_id"])
+        elif conn.dialect.name == "sqlite":
+            stmt = sqlite.insert(_REQUESTS).on_conflict_do_nothing(index_elements=["request_id"])
+        else:
+            raise NotImplementedError(f"no idempotent insert for dialect {conn.dialect.name}")
+        # RETURNING tells exactly which rows went in; executemany rowcounts are not reliable across drivers.
+        inserted = conn.execute(stmt.returning(_REQUESTS.c.request_id), rows).all()
+    return len(inserted)
+
+
+def recent_requests(engine: Engine, last: int = 20) -> list[dict[str, Any]]:
+    """The ``last`` most recent requests, newest first, JSON-ready."""
+    stmt = (
+        sa.select(_REQUESTS)
+        .order_by(_REQUESTS.c.started_at.desc(), _REQUESTS.c.request_id.desc())
+        .limit(max(0, last))
+    )
+    with engine.connect() as conn:
+        return [row_to_json(row) for row in conn.execute(stmt).mappings()]
