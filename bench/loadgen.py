@@ -61,7 +61,12 @@ async def run_load(
                     with trio.fail_after(30):
                         response = await pool.request("POST", url, headers=headers, content=body)
                     ok = response.status == 200 and (expect is None or expect in response.content)
-                except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, trio.TooSlowError):
+                except (
+                    httpcore.TimeoutException,
+                    httpcore.NetworkError,
+                    httpcore.ProtocolError,
+                    trio.TooSlowError,
+                ):
                     ok = False
                 if ok:
                     latencies.append((trio.current_time() - started) * 1000.0)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -76,8 +77,18 @@ def main() -> None:
     }
     env.pop("TRIOPROXY_DATABASE_URL", None)
     fake = subprocess.Popen(
-        [*_pinned(0), sys.executable, "-m", "trioproxy.testing.fake_upstream", "--port", str(fake_port),
-         "--events", str(args.events), "--accept-key", SECRET],
+        [
+            *_pinned(0),
+            sys.executable,
+            "-m",
+            "trioproxy.testing.fake_upstream",
+            "--port",
+            str(fake_port),
+            "--events",
+            str(args.events),
+            "--accept-key",
+            SECRET,
+        ],
         stdout=subprocess.DEVNULL,
     )
     gateway: subprocess.Popen[bytes] | None = None
@@ -86,8 +97,12 @@ def main() -> None:
 
         def cli(*cli_args: str, stdin: str | None = None) -> dict[str, object]:
             out = subprocess.run(
-                [sys.executable, "-m", "trioproxy", *cli_args], env=env, input=stdin, text=True,
-                capture_output=True, check=True,
+                [sys.executable, "-m", "trioproxy", *cli_args],
+                env=env,
+                input=stdin,
+                text=True,
+                capture_output=True,
+                check=True,
             ).stdout
             result: dict[str, object] = json.loads(out)
             return result
@@ -103,10 +118,12 @@ def main() -> None:
         if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
             os.sched_setaffinity(0, {0})
 
-        scenarios = {
+        scenarios: dict[str, dict[str, object]] = {
             "chat, non-stream": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
             f"chat, SSE ({args.events} events)": {
-                "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
             },
         }
         targets = {
@@ -124,14 +141,16 @@ def main() -> None:
                     for target in order:
                         url, auth = targets[target]
                         headers = [("authorization", f"Bearer {auth}"), ("content-type", "application/json")]
-                        results[target].append(
-                            trio.run(
-                                lambda url=url, headers=headers: run_load(
-                                    url, headers=headers, body=payload, concurrency=concurrency,
-                                    duration=args.duration, expect=expect,
-                                )
-                            )
+                        load = partial(
+                            run_load,
+                            url,
+                            headers=headers,
+                            body=payload,
+                            concurrency=concurrency,
+                            duration=args.duration,
+                            expect=expect,
                         )
+                        results[target].append(trio.run(load))
                 rows.append((name, concurrency, results))
         print(_report(rows, args))
     finally:

@@ -140,7 +140,9 @@ class Forwarder:
             usage = exchange.meter.finish()
             record.usage = usage
             streamed = exchange.fmt is not StreamFormat.JSON
-            record.usage_partial = record.status < 400 and record.status != 0 and not usage.complete and streamed
+            record.usage_partial = (
+                record.status < 400 and record.status != 0 and not usage.complete and streamed
+            )
             if record.outcome is not Outcome.OK and record.status < 400:
                 record.usage_partial = record.usage_partial or not usage.complete
             route = exchange.route
@@ -154,7 +156,9 @@ class Forwarder:
 
     # -- the Rejector -----------------------------------------------------------------------------------------
 
-    def reject(self, status: int, message: str, head: RequestHead | None, peer_ip: str) -> tuple[Headers, bytes]:
+    def reject(
+        self, status: int, message: str, head: RequestHead | None, peer_ip: str
+    ) -> tuple[Headers, bytes]:
         """Answer a request the server refused while parsing it, and record it."""
         target = head.target if head is not None else ""
         path = target.split("?", 1)[0]
@@ -235,7 +239,9 @@ class Forwarder:
             ),
             body=body,
         )
-        await self._exchange(request, response, exchange, provider, gateway_key, upstream_request, strip_usage)
+        await self._exchange(
+            request, response, exchange, provider, gateway_key, upstream_request, strip_usage
+        )
 
     def _authenticate(self, request: ClientRequest, route: Route, snapshot: Snapshot) -> GatewayKeyView:
         key = extract_gateway_key(request.headers, request.query)
@@ -317,7 +323,9 @@ class Forwarder:
                 await response.send(tail)
         await response.end()
 
-    async def _upstream_failed(self, response: ResponseSink, exchange: _Exchange, failure: TrioProxyError) -> None:
+    async def _upstream_failed(
+        self, response: ResponseSink, exchange: _Exchange, failure: TrioProxyError
+    ) -> None:
         record = exchange.record
         record.outcome = Outcome.UPSTREAM_DIED
         record.error = redact(failure.message)
@@ -341,7 +349,9 @@ class Forwarder:
                 record.outcome = Outcome.CLIENT_CANCELLED
         await response.abort()
 
-    async def _send_error(self, response: ResponseSink, exchange: _Exchange, status: int, message: str) -> None:
+    async def _send_error(
+        self, response: ResponseSink, exchange: _Exchange, status: int, message: str
+    ) -> None:
         exchange.record.status = status
         if response.started:
             await response.abort()

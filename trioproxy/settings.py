@@ -117,7 +117,9 @@ class Settings:
         """
         env = os.environ if env is None else env
         raw: dict[str, Any] = {}
-        toml_file = toml_path or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+        toml_file = toml_path or (
+            Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None
+        )
         if toml_file is not None:
             try:
                 raw = tomllib.loads(toml_file.read_text(encoding="utf-8"))
@@ -131,7 +133,8 @@ class Settings:
             for part in path[:-1]:
                 target = target.setdefault(part, {})
             target[path[-1]] = value
-        return _build(cls(), raw)
+        settings: Settings = _build(cls(), raw)
+        return settings
 
 
 def _build(base: Any, raw: Mapping[str, Any]) -> Any:

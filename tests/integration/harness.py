@@ -11,6 +11,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,8 @@ async def running_stack(
             keys: dict[str, str] = {}
             for kind in KINDS:
                 await trio.to_thread.run_sync(
-                    lambda kind=kind: add_provider(
+                    partial(
+                        add_provider,
                         engine,
                         name=f"{kind}-fake",
                         kind=kind,
@@ -109,14 +111,17 @@ async def running_stack(
                     )
                 )
                 await trio.to_thread.run_sync(
-                    lambda kind=kind: add_provider_key(
-                        engine, box, provider=f"{kind}-fake", name=f"{kind}-key-1", secret=UPSTREAM_SECRET
+                    partial(
+                        add_provider_key,
+                        engine,
+                        box,
+                        provider=f"{kind}-fake",
+                        name=f"{kind}-key-1",
+                        secret=UPSTREAM_SECRET,
                     )
                 )
                 created = await trio.to_thread.run_sync(
-                    lambda kind=kind: create_gateway_key(
-                        engine, name=f"{kind}-client", provider=f"{kind}-fake", provider_keys=None
-                    )
+                    partial(create_gateway_key, engine, name=f"{kind}-client", provider=f"{kind}-fake")
                 )
                 keys[kind] = created["key"]
             async with trio.open_nursery() as gateway_nursery:

@@ -13,7 +13,7 @@ import trio
 
 from tests.integration.harness import UPSTREAM_SECRET, Stack, running_stack
 from trioproxy.store.provisioning import set_gateway_key_enabled
-from trioproxy.testing.fake_upstream import Fault, FakeUpstream
+from trioproxy.testing.fake_upstream import FakeUpstream, Fault
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -166,7 +166,11 @@ async def test_bad_json_is_a_dialect_400(tmp_path: Path) -> None:
 async def test_disabling_a_key_is_live_within_a_second(tmp_path: Path) -> None:
     async with running_stack(tmp_path) as stack:
         ok = await _request(
-            stack, "POST", "/v1/chat/completions", headers=_openai_headers(stack), body=json.dumps(CHAT).encode()
+            stack,
+            "POST",
+            "/v1/chat/completions",
+            headers=_openai_headers(stack),
+            body=json.dumps(CHAT).encode(),
         )
         assert ok.status == 200
         gateway_key_id = next(
@@ -174,14 +178,22 @@ async def test_disabling_a_key_is_live_within_a_second(tmp_path: Path) -> None:
         )
         await stack.provision(set_gateway_key_enabled, gateway_key_id, False)
         waited = await stack.wait_for_config(
-            lambda: not any(
-                k.enabled for k in stack.gateway.snapshots.current.gateway_keys.values() if k.id == gateway_key_id
+            lambda: (
+                not any(
+                    k.enabled
+                    for k in stack.gateway.snapshots.current.gateway_keys.values()
+                    if k.id == gateway_key_id
+                )
             ),
             timeout=1.0,
         )
         assert waited < 1.0
         refused = await _request(
-            stack, "POST", "/v1/chat/completions", headers=_openai_headers(stack), body=json.dumps(CHAT).encode()
+            stack,
+            "POST",
+            "/v1/chat/completions",
+            headers=_openai_headers(stack),
+            body=json.dumps(CHAT).encode(),
         )
     assert refused.status == 401
 
@@ -191,7 +203,11 @@ async def test_upstream_error_status_is_passed_through_and_recorded(tmp_path: Pa
     fake.add_fault(Fault(status=429, headers=(("retry-after", "7"),)))
     async with running_stack(tmp_path, fake=fake) as stack:
         response = await _request(
-            stack, "POST", "/v1/chat/completions", headers=_openai_headers(stack), body=json.dumps(CHAT).encode()
+            stack,
+            "POST",
+            "/v1/chat/completions",
+            headers=_openai_headers(stack),
+            body=json.dumps(CHAT).encode(),
         )
         [row] = await stack.rows(1)
     assert response.status == 429
@@ -219,7 +235,9 @@ async def test_upstream_dying_mid_stream_sends_one_dialect_error_event(tmp_path:
     fake = FakeUpstream(accepted_keys=(UPSTREAM_SECRET,), events=6)
     fake.add_fault(Fault(die_after_events=2))
     async with running_stack(tmp_path, fake=fake) as stack:
-        received = await _raw_stream(stack, b"/v1/chat/completions", json.dumps(CHAT | {"stream": True}).encode())
+        received = await _raw_stream(
+            stack, b"/v1/chat/completions", json.dumps(CHAT | {"stream": True}).encode()
+        )
     assert b'data: {"error"' in received
     assert b"[DONE]" not in received
 
@@ -228,7 +246,9 @@ async def _raw_stream(stack: Stack, target: bytes, body: bytes) -> bytes:
     """Send one request on a raw socket and return everything the gateway sent until it closed."""
     sock = await trio.open_tcp_stream("127.0.0.1", stack.gateway.proxy_port)
     head = (
-        b"POST " + target + b" HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ncontent-type: application/json\r\n"
+        b"POST "
+        + target
+        + b" HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ncontent-type: application/json\r\n"
         b"authorization: Bearer " + stack.keys["openai"].encode() + b"\r\n"
         b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
     )

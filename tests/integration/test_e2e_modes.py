@@ -87,12 +87,26 @@ async def test_serve_process_provisioned_by_the_cli_and_stopped_by_sigterm(tmp_p
     async with trio.open_nursery() as nursery:
         fake_port = await nursery.start(fake.serve)
         await trio.to_thread.run_sync(
-            lambda: cli("provider", "add", "oa", "--kind", "openai", "--base-url", f"http://127.0.0.1:{fake_port}")
+            lambda: cli(
+                "provider", "add", "oa", "--kind", "openai", "--base-url", f"http://127.0.0.1:{fake_port}"
+            )
         )
         await trio.to_thread.run_sync(
-            lambda: cli("provider-key", "add", "--provider", "oa", "--name", "k1", "--secret", "-", stdin=UPSTREAM_SECRET)
+            lambda: cli(
+                "provider-key",
+                "add",
+                "--provider",
+                "oa",
+                "--name",
+                "k1",
+                "--secret",
+                "-",
+                stdin=UPSTREAM_SECRET,
+            )
         )
-        created = await trio.to_thread.run_sync(lambda: cli("key", "create", "--name", "app", "--provider", "oa"))
+        created = await trio.to_thread.run_sync(
+            lambda: cli("key", "create", "--name", "app", "--provider", "oa")
+        )
         key = str(created["key"])
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "trioproxy", "serve"], env=env, stdout=subprocess.PIPE

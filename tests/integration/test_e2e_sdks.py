@@ -20,7 +20,9 @@ from google.genai import types as genai_types
 from tests.integration.harness import UPSTREAM_SECRET, Stack, running_stack
 from trioproxy.testing.fake_upstream import FakeUpstream, FakeUsage
 
-USAGE = FakeUsage(input_tokens=120, output_tokens=30, cache_read_tokens=20, cache_write_tokens=0, reasoning_tokens=5)
+USAGE = FakeUsage(
+    input_tokens=120, output_tokens=30, cache_read_tokens=20, cache_write_tokens=0, reasoning_tokens=5
+)
 
 
 def _fake() -> FakeUpstream:
@@ -87,7 +89,9 @@ async def test_openai_chat_non_stream(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("client_asks_usage", [False, True])
-async def test_openai_chat_stream_usage_chunk_only_when_asked(tmp_path: Path, client_asks_usage: bool) -> None:
+async def test_openai_chat_stream_usage_chunk_only_when_asked(
+    tmp_path: Path, client_asks_usage: bool
+) -> None:
     async with running_stack(tmp_path, fake=_fake()) as stack:
         client = _openai(stack)
         extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if client_asks_usage else {}
