@@ -15,7 +15,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, settings
 from psycopg import sql
+
+# Property tests: a quick default locally, many more examples in CI (CI=true), never a deadline on shared cores.
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.register_profile(
+    "ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
