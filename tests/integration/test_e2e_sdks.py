@@ -243,7 +243,7 @@ async def test_gemini_generate_stream_embed_and_models(tmp_path: Path) -> None:
         assert row["model"] == "gemini-2.5-flash"
         assert row["outcome"] == "ok"
         assert row["input_tokens"] == usage.input_tokens
-        assert row["output_tokens"] == usage.output_tokens + usage.reasoning_tokens
+        assert row["output_tokens"] == usage.output_tokens
         assert row["reasoning_tokens"] == usage.reasoning_tokens
         assert row["cost_total"] is not None
     assert {r["stream"] for r in generate_rows} == {True, False}
