@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 from trioproxy.app import RunningGateway, open_store, run_gateway
 from trioproxy.crypto import SecretBox
 from trioproxy.settings import MeteringSettings, Settings
+from trioproxy.store.db import run_migrations
 from trioproxy.store.provisioning import add_provider, add_provider_key, create_gateway_key
 from trioproxy.store.request_log import recent_requests
 from trioproxy.testing.fake_upstream import FakeUpstream
@@ -90,6 +91,8 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     fake = fake or FakeUpstream(accepted_keys=(UPSTREAM_SECRET,))
     settings = make_settings(data_dir, database_url=database_url, **settings_overrides)
+    if database_url:
+        await trio.to_thread.run_sync(run_migrations, database_url)
     engine, box = await trio.to_thread.run_sync(open_store, settings)
     try:
         async with trio.open_nursery() as nursery:

@@ -164,7 +164,7 @@ async def test_anthropic_messages_stream_and_non_stream(tmp_path: Path) -> None:
         client = _anthropic(stack)
         message = await _in_thread(
             lambda: client.messages.create(
-                model="claude-sonnet-4-5",
+                model="claude-haiku-4-5",
                 max_tokens=64,
                 messages=[{"role": "user", "content": "hi"}],
             )
@@ -173,7 +173,7 @@ async def test_anthropic_messages_stream_and_non_stream(tmp_path: Path) -> None:
 
         def stream() -> str:
             with client.messages.stream(
-                model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+                model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
             ) as s:
                 text = "".join(s.text_stream)
                 final = s.get_final_message()
@@ -183,7 +183,7 @@ async def test_anthropic_messages_stream_and_non_stream(tmp_path: Path) -> None:
         assert await _in_thread(stream)
         count = await _in_thread(
             lambda: client.messages.count_tokens(
-                model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}]
+                model="claude-haiku-4-5", messages=[{"role": "user", "content": "hi"}]
             )
         )
         assert count.input_tokens > 0
@@ -201,9 +201,9 @@ async def test_anthropic_messages_stream_and_non_stream(tmp_path: Path) -> None:
         assert row["output_tokens"] == usage.output_tokens
         assert row["cache_read_tokens"] == usage.cache_read_tokens
         assert row["cache_write_tokens"] == usage.cache_write_tokens
-    # claude-sonnet-4-5: $3 input, $15 output, $0.30 cache read, $3.75 cache write per million.
+    # claude-haiku-4-5: $1 input, $5 output, $0.10 cache read, $1.25 cache write per million.
     expected = (
-        Decimal(50) * 3 + Decimal(25) * 15 + Decimal(10) * Decimal("0.30") + Decimal(8) * Decimal("3.75")
+        Decimal(50) * 1 + Decimal(25) * 5 + Decimal(10) * Decimal("0.10") + Decimal(8) * Decimal("1.25")
     ) / Decimal(1_000_000)
     assert Decimal(stream_row["cost_total"]) == expected
     assert stream_row["stream"] is True and plain_row["stream"] is False
