@@ -134,22 +134,22 @@ class Forwarder:
         """Close the record (runs even while the handler is being cancelled) and hand it to metering."""
         record = exchange.record
         record.duration_ms = (trio.current_time() - exchange.started) * 1000.0
-        if request.disconnected.is_set() and record.outcome is Outcome.OK:
-            record.outcome = Outcome.CLIENT_CANCELLED
+        complete = False
         if exchange.meter is not None:
             usage = exchange.meter.finish()
+            complete = usage.complete
             record.usage = usage
-            streamed = exchange.fmt is not StreamFormat.JSON
-            record.usage_partial = (
-                record.status < 400 and record.status != 0 and not usage.complete and streamed
-            )
-            if record.outcome is not Outcome.OK and record.status < 400:
-                record.usage_partial = record.usage_partial or not usage.complete
+            answered = 0 < record.status < 400
+            record.usage_partial = answered and not usage.complete
             route = exchange.route
-            if route is not None and route.billable and record.status < 400 and record.status != 0:
+            if route is not None and route.billable and answered:
                 model = usage.response_model or record.model
                 record.cost = exchange.snapshot.prices.cost(exchange.kind, model, usage)
                 record.price_missing = record.cost is None
+        # A client that hangs up right after the dialect's terminal event ([DONE], message_stop) got its whole
+        # answer: SDKs close the connection as soon as they have read it, before the final empty chunk.
+        if request.disconnected.is_set() and record.outcome is Outcome.OK and not complete:
+            record.outcome = Outcome.CLIENT_CANCELLED
         if record.status == 0 and record.outcome is Outcome.CLIENT_CANCELLED:
             record.status = 499
         self._metering.submit(record)
