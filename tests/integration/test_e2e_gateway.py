@@ -313,3 +313,25 @@ async def test_graceful_drain_finishes_in_flight_streams_and_records_them(tmp_pa
 
     rows = await trio.to_thread.run_sync(recent_requests, engine, 10)
     assert [r["outcome"] for r in rows] == ["ok"]
+
+
+async def test_server_level_refusals_are_dialect_errors_and_rows(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack:
+        sock = await trio.open_tcp_stream("127.0.0.1", stack.gateway.proxy_port)
+        await sock.send_all(
+            b"POST /v1/messages HTTP/1.1\r\nhost: gw\r\nanthropic-version: 2023-06-01\r\n"
+            b"content-length: 999999999999\r\n\r\n"
+        )
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await sock.receive_some(65536):
+                received += chunk
+        await sock.aclose()
+        [row] = await stack.rows(1)
+        assert stack.fake.captured == []
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["type"] == "error"
+    assert row["status"] == 413
+    assert row["outcome"] == "rejected"
+    assert row["path"] == "/v1/messages"
