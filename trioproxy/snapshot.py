@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,10 @@ class ProviderKeyView:
     secret: str = field(repr=False)
     weight: int
     enabled: bool
+    # The provider's own published limits for this key (None: unknown); the limiter keeps the key under them.
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    rpd_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,25 @@ class GatewayKeyView:
     # Overrides of the provider's timeouts; None keeps the provider's.
     first_byte_timeout: float | None = None
     total_timeout: float | None = None
+    # Limits (trioproxy.limits); None means unlimited. Money in USD; budget_period daily/weekly/monthly or None
+    # for a budget that never resets.
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    rpd_limit: int | None = None
+    daily_token_limit: int | None = None
+    daily_cost_limit: Decimal | None = None
+    budget: Decimal | None = None
+    budget_period: str | None = None
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserLimitsView:
+    """A user's budget across all of their gateway keys (only users that have one are in the snapshot)."""
+
+    id: int
+    budget: Decimal
+    budget_period: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +116,7 @@ class Snapshot:
     provider_keys: Mapping[int, ProviderKeyView]
     gateway_keys: Mapping[str, GatewayKeyView]  # by SHA-256 hex digest of the full key
     prices: PriceTable
+    users: Mapping[int, UserLimitsView] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(
@@ -101,6 +126,7 @@ class Snapshot:
         provider_keys: list[ProviderKeyView],
         gateway_keys: Mapping[str, GatewayKeyView],
         prices: PriceTable,
+        users: list[UserLimitsView] | None = None,
     ) -> Snapshot:
         return cls(
             version=version,
@@ -108,4 +134,5 @@ class Snapshot:
             provider_keys=MappingProxyType({k.id: k for k in provider_keys}),
             gateway_keys=MappingProxyType(dict(gateway_keys)),
             prices=prices,
+            users=MappingProxyType({u.id: u for u in users or ()}),
         )
