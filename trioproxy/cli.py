@@ -204,11 +204,25 @@ def _cmd_usage(args: argparse.Namespace, settings: Settings) -> Any:
     return _with_engine(settings, lambda engine: recent_requests(engine, args.last))
 
 
-def _cmd_serve(_args: argparse.Namespace, settings: Settings) -> Any:
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> Any:
     # Imported here: the data plane pulls in trio and the proxy, which provisioning commands never need.
     from trioproxy.app import serve_forever
+    from trioproxy.workers import default_worker_count, serve_workers
 
-    serve_forever(settings)
+    if args.workers is None:
+        serve_forever(settings)
+    elif args.workers == "auto":
+        serve_workers(settings, default_worker_count())
+    else:
+        try:
+            count = int(args.workers)
+        except ValueError:
+            raise ValidationError(
+                "--workers takes a number of processes, or nothing for one per core"
+            ) from None
+        if count < 1:
+            raise ValidationError("--workers must be at least 1")
+        serve_workers(settings, count)
     return None
 
 
@@ -223,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(handler=_cmd_migrate)
 
     serve = commands.add_parser("serve", help="run the gateway until SIGTERM/SIGINT")
+    serve.add_argument(
+        "--workers",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="N",
+        help="run N data-plane processes sharing the port (SO_REUSEPORT) under a supervisor; "
+        "--workers alone: one per core; without it: one process, no supervisor",
+    )
     serve.set_defaults(handler=_cmd_serve)
 
     provider = commands.add_parser("provider", help="upstream providers").add_subparsers(

@@ -239,10 +239,22 @@ class ProxyServer:
         return self._draining
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Bind, report the bound port via ``task_status.started(port)``, serve until cancelled or drained."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        """Bind, report the bound port via ``task_status.started(port)``, serve until cancelled or drained.
+
+        ``reuse_port`` binds with ``SO_REUSEPORT``, so several worker processes listen on one port and the
+        kernel spreads new connections among them (``trioproxy serve --workers N``).
+        """
+        if reuse_port:
+            listeners = await _open_reuse_port_listeners(host, port)
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host)
         self._listeners = listeners
         self._stopped = stopped = trio.Event()
         bound_port: int = listeners[0].socket.getsockname()[1]
@@ -578,3 +590,34 @@ def _log_handler_failure(request: ClientRequest, exc: Exception) -> None:
         what = type(exc).__name__
     stack = "".join(traceback.format_tb(exc.__traceback__))
     logger.error("handler failed on %s %s: %s\n%s", request.method, request.path, what, stack)
+
+
+# Listen backlog for SO_REUSEPORT listeners: trio's own default (the kernel caps it at net.core.somaxconn).
+_REUSE_PORT_BACKLOG = 0xFFFF
+
+
+async def _open_reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """What ``trio.open_tcp_listeners`` does, plus ``SO_REUSEPORT`` before ``bind`` (which trio cannot set)."""
+    addresses = await trio.socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _name, address in addresses:
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(_REUSE_PORT_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners

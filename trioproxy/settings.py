@@ -84,11 +84,17 @@ class Settings:
     redis_url: str | None = None
     secret_key: str | None = None  # empty: read or generate data_dir/secret.key
     admin_password: str | None = None
+    # Browser origins allowed to call the admin API (comma-separated, e.g. "https://admin.example.com"); empty:
+    # CORS off. Never "*": the admin API takes bearer tokens.
+    admin_cors_origins: str = ""
     allow_private_upstreams: bool = False
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For we believe
     drain_timeout: float = 30.0
     config_poll_interval: float = 0.25
     log_level: str = "INFO"
+    # Set by the `serve --workers N` supervisor in each data-plane process it starts (0..N-1): the proxy listener
+    # then binds with SO_REUSEPORT, and the worker has a metering spool of its own (the spool is flock'ed).
+    worker_index: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     metering: MeteringSettings = field(default_factory=MeteringSettings)
@@ -101,6 +107,8 @@ class Settings:
 
     @property
     def spool_path(self) -> Path:
+        if self.worker_index is not None:
+            return self.data_dir / f"metering-{self.worker_index}.spool"
         return self.data_dir / "metering.spool"
 
     @property
@@ -167,6 +175,8 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
             raise ValueError(value)
         if kind == "int":
             return int(value)
+        if kind == "int | None":
+            return int(value) if str(value).strip() else None
         if kind == "float":
             return float(value)
         if kind == "Path":
