@@ -70,7 +70,8 @@ def open_store(settings: Settings) -> tuple[Engine, SecretBox]:
     """Prepare the database (blocking: run it in a thread): migrate the embedded SQLite, check the schema, seed
     prices on first start, and load (or create) the master key for secrets at rest."""
     url = settings.resolved_database_url
-    if settings.is_embedded_sqlite:
+    # A worker of `serve --workers N` finds the schema migrated by its supervisor, which ran this before it.
+    if settings.is_embedded_sqlite and settings.worker_index is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         run_migrations(url)
     engine = create_engine_for(url)
@@ -115,7 +116,11 @@ async def run_gateway(
             await services.start(pool.run)
             await services.start(reloader.run)
             async with trio.open_nursery() as front:
-                port = await front.start(server.serve, settings.proxy_host, settings.proxy_port)
+                port = await front.start(
+                    functools.partial(server.serve, reuse_port=settings.worker_index is not None),
+                    settings.proxy_host,
+                    settings.proxy_port,
+                )
                 gateway = RunningGateway(
                     settings=settings,
                     proxy_port=port,

@@ -105,6 +105,9 @@ class User(Base):
     role: Mapped[str] = mapped_column(sa.String(32), nullable=False, default="user", server_default="user")
     enabled: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, default=True, server_default=sa.true())
     token_version: Mapped[int] = mapped_column(sa.Integer, nullable=False, default=0, server_default="0")
+    # A spending cap across all of the user's gateway keys (USD); budget_period: daily/weekly/monthly or None.
+    budget: Mapped[Decimal | None] = mapped_column(BUDGET)
+    budget_period: Mapped[str | None] = mapped_column(sa.String(16))
     created_at: Mapped[dt.datetime] = _created()
     updated_at: Mapped[dt.datetime] = _updated()
 
@@ -214,6 +217,7 @@ class RequestRow(Base):
         # Leading columns serve lookups by key or user; started_at second serves their daily windows.
         sa.Index("ix_requests_gateway_key_id_started_at", "gateway_key_id", "started_at"),
         sa.Index("ix_requests_user_id_started_at", "user_id", "started_at"),
+        sa.Index("ix_requests_provider_key_id_started_at", "provider_key_id", "started_at"),
     )
 
     request_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
@@ -265,6 +269,32 @@ class ModelPriceRow(Base):
     # [{"min_input_tokens": 200000, "input_per_million": "2.5", ...}]: decimals as strings, never floats.
     tiers: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON, nullable=False, default=list)
     updated_at: Mapped[dt.datetime] = _updated()
+
+
+class AuditLog(Base):
+    """One mutating admin call, with masked before/after images (store/audit.py writes it).
+
+    Append-only: the migration installs triggers that refuse UPDATE and DELETE. No foreign keys, like
+    ``requests``: the trail must outlive the users and objects it names.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        sa.Index("ix_audit_log_at", "at"),
+        sa.Index("ix_audit_log_actor_id_at", "actor_id", "at"),
+        sa.Index("ix_audit_log_object_type_at", "object_type", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    actor_id: Mapped[int | None] = mapped_column(sa.Integer)
+    actor_name: Mapped[str | None] = mapped_column(sa.String(100))
+    action: Mapped[str] = mapped_column(sa.String(64), nullable=False)
+    object_type: Mapped[str] = mapped_column(sa.String(64), nullable=False)
+    object_id: Mapped[str | None] = mapped_column(sa.String(128))
+    before: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON(none_as_null=True))
+    after: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON(none_as_null=True))
+    ip: Mapped[str | None] = mapped_column(sa.String(64))
 
 
 class ConfigVersion(Base):

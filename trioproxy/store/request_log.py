@@ -70,7 +70,8 @@ def row_to_json(row: Mapping[Any, Any]) -> dict[str, Any]:
         if isinstance(value, dt.datetime):
             out[name] = value.isoformat()
         elif isinstance(value, Decimal):
-            out[name] = str(value)
+            # Plain and canonical on both dialects: PostgreSQL's NUMERIC(20, 10) zero would read "0E-10".
+            out[name] = format(value.normalize(), "f")
         else:
             out[name] = value
     return out

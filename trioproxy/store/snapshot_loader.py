@@ -4,10 +4,13 @@
 transaction (REPEATABLE READ on PostgreSQL, one WAL snapshot on SQLite), so the snapshot matches the version
 it carries exactly. Secrets are decrypted here, once per reload, never per request.
 
-Folding rules: a gateway key is enabled only if the key, its owner (if any) and its provider are all enabled;
-a provider key is enabled only if it and its owner (if any) are. A pool lists provider key ids in position
-order and leaves out any key of another provider (the write path refuses those; a hand-edited database must
-not route a key's traffic to the wrong provider).
+Folding rules: a gateway key is enabled only if the key, its owner (if any) and its provider are all enabled,
+and the owner's role may use the provider's kind (:func:`trioproxy.roles.may_use_kind`: demoting a user stops
+their keys like disabling them does); a provider key is enabled only if it and its owner (if any) are. A pool
+lists provider key ids in position order and leaves out any key of another provider and any key of another
+owner (only shared keys and the gateway key owner's own may serve it; an unowned gateway key may use any).
+The write path refuses those already; a hand-edited database must not route a key's traffic to the wrong
+provider or spend someone else's provider key.
 
 Error handling: a secret that does not decrypt (wrong master key) raises
 :class:`~trioproxy.errors.ConfigError` naming the key's id only; the caller keeps its previous snapshot.
@@ -23,8 +26,16 @@ from sqlalchemy.engine import Engine
 from trioproxy.crypto import PROVIDER_KEY_AAD, SecretBox
 from trioproxy.errors import ConfigError, StoreError, TrioProxyError
 from trioproxy.pricing import PriceTable
+from trioproxy.roles import may_use_kind
 from trioproxy.settings import UpstreamSettings
-from trioproxy.snapshot import GatewayKeyView, ProviderKeyView, ProviderKind, ProviderView, Snapshot
+from trioproxy.snapshot import (
+    GatewayKeyView,
+    ProviderKeyView,
+    ProviderKind,
+    ProviderView,
+    Snapshot,
+    UserLimitsView,
+)
 from trioproxy.ssrf import parse_base_url
 from trioproxy.store.db import read_transaction
 from trioproxy.store.models import ConfigVersion, GatewayKey, GatewayKeyPool, Provider, ProviderKey, User
@@ -53,7 +64,17 @@ def load_snapshot(engine: Engine, box: SecretBox, defaults: UpstreamSettings) ->
         version = conn.execute(sa.select(_VERSION.c.version).where(_VERSION.c.id == 1)).scalar_one_or_none()
         if version is None:
             raise StoreError("the config_version row is missing; run `trioproxy migrate`")
-        user_enabled = dict(conn.execute(sa.select(_USERS.c.id, _USERS.c.enabled)).all())
+        user_rows = conn.execute(sa.select(_USERS.c.id, _USERS.c.enabled, _USERS.c.role)).all()
+        user_enabled = {row.id: bool(row.enabled) for row in user_rows}
+        user_role = {row.id: row.role for row in user_rows}
+        users = [
+            UserLimitsView(id=row.id, budget=row.budget, budget_period=row.budget_period)
+            for row in conn.execute(
+                sa.select(_USERS.c.id, _USERS.c.budget, _USERS.c.budget_period).where(
+                    _USERS.c.budget.is_not(None)
+                )
+            )
+        ]
         providers = [_provider_view(row, defaults) for row in conn.execute(sa.select(_PROVIDERS)).mappings()]
         provider_keys = [
             _provider_key_view(row, box, user_enabled)
@@ -70,12 +91,23 @@ def load_snapshot(engine: Engine, box: SecretBox, defaults: UpstreamSettings) ->
         prices = PriceTable(load_prices(conn))
 
     provider_by_id = {provider.id: provider for provider in providers}
-    key_provider = {key.id: key.provider_id for key in provider_keys}
+    key_by_id = {key.id: key for key in provider_keys}
     gateway_keys: dict[str, GatewayKeyView] = {}
     for row in gateway_rows:
         provider = provider_by_id.get(row["provider_id"])
-        owner_ok = row["owner_id"] is None or user_enabled.get(row["owner_id"], False)
-        pool = tuple(pk for pk in pools.get(row["id"], ()) if key_provider.get(pk) == row["provider_id"])
+        owner = row["owner_id"]
+        owner_ok = owner is None or (
+            user_enabled.get(owner, False)
+            and provider is not None
+            and may_use_kind(user_role.get(owner, ""), provider.kind)
+        )
+        pool = tuple(
+            pk
+            for pk in pools.get(row["id"], ())
+            if (key := key_by_id.get(pk)) is not None
+            and key.provider_id == row["provider_id"]
+            and (owner is None or key.owner_id is None or key.owner_id == owner)
+        )
         expires_at = row["expires_at"]
         gateway_keys[row["key_hash"]] = GatewayKeyView(
             id=row["id"],
@@ -91,8 +123,16 @@ def load_snapshot(engine: Engine, box: SecretBox, defaults: UpstreamSettings) ->
             enabled=bool(row["enabled"]) and bool(owner_ok) and provider is not None and provider.enabled,
             first_byte_timeout=row["first_byte_timeout"],
             total_timeout=row["total_timeout"],
+            rpm_limit=row["rpm_limit"],
+            tpm_limit=row["tpm_limit"],
+            rpd_limit=row["rpd_limit"],
+            daily_token_limit=row["daily_token_limit"],
+            daily_cost_limit=row["daily_cost_limit"],
+            budget=row["budget"],
+            budget_period=row["budget_period"],
+            max_concurrency=row["max_concurrency"],
         )
-    return Snapshot.build(int(version), providers, provider_keys, gateway_keys, prices)
+    return Snapshot.build(int(version), providers, provider_keys, gateway_keys, prices, users)
 
 
 def _provider_view(row: sa.RowMapping, defaults: UpstreamSettings) -> ProviderView:
@@ -136,4 +176,7 @@ def _provider_key_view(row: sa.RowMapping, box: SecretBox, user_enabled: dict[in
         secret=secret,
         weight=row["weight"],
         enabled=bool(row["enabled"]) and bool(owner_ok),
+        rpm_limit=row["rpm_limit"],
+        tpm_limit=row["tpm_limit"],
+        rpd_limit=row["rpd_limit"],
     )
