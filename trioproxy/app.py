@@ -4,9 +4,12 @@
 
     serve_forever
     └── run_gateway                       (one nursery: services, then the front)
+        ├── admission                     (limits; with Redis: its client and settlement tasks)
         ├── metering writer               (batches request rows into the database)
         ├── upstream connection pool      (housekeeping of idle provider connections)
         ├── config reloader               (swaps the snapshot when the config version moves)
+        ├── shared key states             (only with Redis: key health shared across instances)
+        ├── active key checks             (only when enabled: token-free probes of ejected/idle keys)
         └── front
             └── proxy server :8080        (one task per client connection)
 
@@ -27,9 +30,13 @@ from dataclasses import dataclass, field
 import trio
 from sqlalchemy import Engine
 
+from trioproxy.balancer import Balancer
+from trioproxy.balancer.active_checks import ActiveChecker
+from trioproxy.balancer.shared_state import SharedKeyStates
 from trioproxy.crypto import SecretBox, load_or_create_master_key
 from trioproxy.errors import ConfigError
 from trioproxy.forward import Forwarder
+from trioproxy.limits import Admission, FailurePolicy, LimitsSettings, database_spend, open_admission
 from trioproxy.metering import MeteringWriter
 from trioproxy.pool import ConnectionPool
 from trioproxy.reloader import ConfigReloader, SnapshotHolder
@@ -59,6 +66,8 @@ class RunningGateway:
     server: ProxyServer
     reloader: ConfigReloader
     engine: Engine
+    balancer: Balancer
+    admission: Admission
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def request_stop(self) -> None:
@@ -109,12 +118,32 @@ async def run_gateway(
             ),
             max_response_header_bytes=settings.upstream.max_response_header_bytes,
         )
-        forwarder = Forwarder(settings, snapshots, pool, metering)
-        server = ProxyServer(settings.limits, forwarder, forwarder.reject)
-        async with trio.open_nursery() as services:
+        balancer = Balancer()
+        limits = LimitsSettings(
+            redis_url=settings.redis_url,
+            on_redis_failure=FailurePolicy(settings.redis_failure_policy),
+            instances=settings.instances,
+        )
+        async with (
+            open_admission(limits, functools.partial(database_spend, engine)) as admission,
+            trio.open_nursery() as services,
+        ):
+            forwarder = Forwarder(settings, snapshots, pool, metering, balancer, admission)
+            server = ProxyServer(settings.limits, forwarder, forwarder.reject)
             await services.start(metering.run)
             await services.start(pool.run)
             await services.start(reloader.run)
+            if settings.redis_url:
+                await services.start(SharedKeyStates(balancer, settings.redis_url).run)
+            if settings.active_health_checks:
+                checker = ActiveChecker(
+                    balancer,
+                    lambda: snapshots.current,
+                    allow_private=settings.allow_private_upstreams,
+                    user_agent=settings.upstream.user_agent,
+                    ssl_context=ssl_context,
+                )
+                await services.start(checker.run)
             async with trio.open_nursery() as front:
                 port = await front.start(
                     functools.partial(server.serve, reuse_port=settings.worker_index is not None),
@@ -130,6 +159,8 @@ async def run_gateway(
                     server=server,
                     reloader=reloader,
                     engine=engine,
+                    balancer=balancer,
+                    admission=admission,
                 )
                 logger.info("proxy listening on %s:%s", settings.proxy_host, port)
                 task_status.started(gateway)

@@ -14,44 +14,46 @@ leaves cancels the handler (the server cancels its scope): the upstream connecti
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import ipaddress
 import json
 import logging
+import math
+import random
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from trioproxy.dialects import error_body, stream_error_event
+from trioproxy.balancer import Balancer
+from trioproxy.dialects import error_body
 from trioproxy.errors import ClientGoneError, TrioProxyError
 from trioproxy.gateway_keys import has_valid_checksum, hash_gateway_key
-from trioproxy.headers import (
-    build_upstream_headers,
-    client_address,
-    extract_gateway_key,
-    filter_response_headers,
-    redact,
-)
+from trioproxy.headers import build_upstream_headers, client_address, extract_gateway_key
+from trioproxy.limits import Admission, AdmissionRequest, Refused, Reservation, Scope, usage_tokens
+from trioproxy.limits.estimate import estimate_cost, estimate_tokens
 from trioproxy.metering import MeteringWriter
-from trioproxy.openai_stream import UsageChunkStripper, prepare_stream_usage
-from trioproxy.pool import ConnectionPool, ExchangeTimeouts, UpstreamRequest, UpstreamResponse
-from trioproxy.records import Outcome, RequestRecord
+from trioproxy.openai_stream import prepare_stream_usage
+from trioproxy.pool import ConnectionPool, UpstreamRequest
+from trioproxy.records import Outcome, RequestRecord, Usage
+from trioproxy.relay import AttemptContext, Relay, send_error
 from trioproxy.reloader import SnapshotHolder
 from trioproxy.request_guard import RequestHead
-from trioproxy.rotation import PoolRotation
 from trioproxy.routes import Route, RouteRejection, guess_dialect, match_route
 from trioproxy.server import ClientRequest, ResponseSink
 from trioproxy.settings import Settings
-from trioproxy.snapshot import GatewayKeyView, ProviderKind, ProviderView, Snapshot
-from trioproxy.usage import StreamFormat, UsageMeter
+from trioproxy.snapshot import GatewayKeyView, ProviderKeyView, ProviderKind, ProviderView, Snapshot
+from trioproxy.usage import StreamFormat
 
 logger = logging.getLogger(__name__)
 
 JSON_HEADERS = (b"content-type", b"application/json")
+# The usual rule of thumb for English text in current tokenizers; only used to estimate broken-off streams.
+CHARS_PER_TOKEN = 4
 # OpenAI routes whose streams report usage only when asked (stream_options.include_usage).
 INCLUDE_USAGE_ROUTES = frozenset({"openai.chat_completions", "openai.completions"})
 
@@ -62,8 +64,17 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class _Refusal(TrioProxyError):
     """The gateway refuses the request before contacting the provider; answered in the client's dialect."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         super().__init__(message, status_hint=status)
+        self.code = code
+        self.headers = tuple(headers)
 
 
 @dataclass(slots=True)
@@ -75,10 +86,9 @@ class _Exchange:
     started: float  # trio.current_time()
     snapshot: Snapshot
     route: Route | None = None
-    fmt: StreamFormat = StreamFormat.JSON
-    meter: UsageMeter | None = None
-    bytes_to_client: int = 0
-    notes: list[str] = field(default_factory=list)
+    attempts: AttemptContext | None = None
+    reservation: Reservation | None = None
+    body_json: dict[str, Any] | None = None
 
 
 class Forwarder:
@@ -90,13 +100,17 @@ class Forwarder:
         snapshots: SnapshotHolder,
         pool: ConnectionPool,
         metering: MeteringWriter,
-        rotation: PoolRotation | None = None,
+        balancer: Balancer,
+        admission: Admission,
+        *,
+        rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._snapshots = snapshots
-        self._pool = pool
         self._metering = metering
-        self._rotation = rotation or PoolRotation()
+        self._balancer = balancer
+        self._admission = admission
+        self._relay = Relay(pool, balancer, settings.upstream.first_event_hold, rng or random.Random())
         self._trusted_proxies: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies
         )
@@ -124,23 +138,35 @@ class Forwarder:
         except _Refusal as refusal:
             record.outcome = Outcome.REJECTED
             record.error = refusal.message
-            await self._send_error(response, exchange, refusal.status_hint, refusal.message)
+            await send_error(
+                response,
+                exchange.kind,
+                record,
+                refusal.status_hint,
+                refusal.message,
+                code=refusal.code,
+                extra_headers=refusal.headers,
+            )
         except ClientGoneError:
             record.outcome = Outcome.CLIENT_CANCELLED
         finally:
             self._finish(request, exchange)
 
     def _finish(self, request: ClientRequest, exchange: _Exchange) -> None:
-        """Close the record (runs even while the handler is being cancelled) and hand it to metering."""
+        """Close the record (runs even while the handler is being cancelled): usage, cost, settlement, metering."""
         record = exchange.record
         record.duration_ms = (trio.current_time() - exchange.started) * 1000.0
         complete = False
-        if exchange.meter is not None:
-            usage = exchange.meter.finish()
+        attempts = exchange.attempts
+        if attempts is not None and attempts.meter is not None:
+            usage = reported = attempts.meter.finish()
             complete = usage.complete
-            record.usage = usage
             answered = 0 < record.status < 400
             record.usage_partial = answered and not usage.complete
+            if record.usage_partial and exchange.body_json is not None:
+                usage = _estimate_broken_off(reported, attempts.meter.generated_chars, exchange.body_json)
+                record.usage_estimated = usage is not reported
+            record.usage = usage
             route = exchange.route
             if route is not None and route.billable and answered:
                 model = usage.response_model or record.model
@@ -152,6 +178,12 @@ class Forwarder:
             record.outcome = Outcome.CLIENT_CANCELLED
         if record.status == 0 and record.outcome is Outcome.CLIENT_CANCELLED:
             record.status = 499
+        if exchange.reservation is not None:
+            if record.usage.reported or record.cost is not None:
+                cost = record.cost.total if record.cost is not None else None
+                self._admission.settle(exchange.reservation, usage_tokens(record.usage), cost)
+            else:
+                self._admission.release(exchange.reservation)
         self._metering.submit(record)
 
     # -- the Rejector -----------------------------------------------------------------------------------------
@@ -185,6 +217,7 @@ class Forwarder:
 
     async def _serve(self, request: ClientRequest, response: ResponseSink, exchange: _Exchange) -> None:
         record = exchange.record
+        snapshot = exchange.snapshot
         matched = match_route(request.method, request.target, request.headers)
         if isinstance(matched, RouteRejection):
             exchange.kind = matched.kind
@@ -194,18 +227,18 @@ class Forwarder:
         exchange.kind = route.kind
         record.route = route.name
 
-        gateway_key = self._authenticate(request, route, exchange.snapshot)
-        provider = exchange.snapshot.providers[gateway_key.provider_id]
+        gateway_key = self._authenticate(request, route, snapshot)
+        provider = snapshot.providers[gateway_key.provider_id]
         record.gateway_key_id = gateway_key.id
         record.user_id = gateway_key.owner_id
         record.provider_id = provider.id
         record.provider_kind = provider.kind.value
 
-        body_json = _parse_body(route, request.body)
+        body_json = exchange.body_json = _parse_body(route, request.body)
         model = route.model or _str_or_none(body_json.get("model"))
         record.model = model
-        exchange.fmt = _stream_format(route, body_json)
-        record.stream = exchange.fmt is not StreamFormat.JSON
+        fmt = _stream_format(route, body_json)
+        record.stream = fmt is not StreamFormat.JSON
         _check_model_allowed(gateway_key, model)
 
         body = request.body if route.has_body else b""
@@ -216,32 +249,50 @@ class Forwarder:
                 body = json.dumps(prepared, separators=(",", ":"), ensure_ascii=False).encode()
                 strip_usage = True
 
-        provider_key = self._rotation.pick(gateway_key, exchange.snapshot.provider_keys)
-        if provider_key is None:
+        key_admissible = self._key_admissible()
+        pick = self._balancer.pick(
+            gateway_key, snapshot, now=trio.current_time(), key_admissible=key_admissible
+        )
+        if pick is None:
             raise _Refusal(503, "no provider key of this gateway key's pool is available")
-        record.provider_key_id = provider_key.id
+        first_key, limit_headers = await self._admit(
+            exchange, gateway_key, provider, pick.key, route, body_json
+        )
+        record.panic = pick.panic
 
-        target = provider.path_prefix + route.upstream_path
-        if route.upstream_query:
-            target += "?" + route.upstream_query
-        upstream_request = UpstreamRequest(
-            method=route.method.encode(),
-            target=target.encode(),
-            headers=build_upstream_headers(
-                route.kind,
-                request.headers,
-                secret=provider_key.secret,
-                host=provider.origin.host_header,
-                user_agent=self._settings.upstream.user_agent,
-                extra_headers=provider.extra_headers,
-                content_length=len(body) if route.has_body else None,
-                request_id=record.request_id,
-            ),
-            body=body,
+        def build_request(key: ProviderKeyView) -> UpstreamRequest:
+            target = provider.path_prefix + route.upstream_path
+            if route.upstream_query:
+                target += "?" + route.upstream_query
+            return UpstreamRequest(
+                method=route.method.encode(),
+                target=target.encode(),
+                headers=build_upstream_headers(
+                    route.kind,
+                    request.headers,
+                    secret=key.secret,
+                    host=provider.origin.host_header,
+                    user_agent=self._settings.upstream.user_agent,
+                    extra_headers=provider.extra_headers,
+                    content_length=len(body) if route.has_body else None,
+                    request_id=record.request_id,
+                ),
+                body=body,
+            )
+
+        exchange.attempts = AttemptContext(
+            record=record,
+            kind=route.kind,
+            fmt=fmt,
+            started=exchange.started,
+            snapshot=snapshot,
+            provider=provider,
+            gateway_key=gateway_key,
+            build_request=build_request,
+            strip_usage=strip_usage,
+            extra_headers=limit_headers,
         )
-        await self._exchange(
-            request, response, exchange, provider, gateway_key, upstream_request, strip_usage
-        )
+        await self._relay.run_attempts(exchange.attempts, response, first_key, key_admissible)
 
     def _authenticate(self, request: ClientRequest, route: Route, snapshot: Snapshot) -> GatewayKeyView:
         key = extract_gateway_key(request.headers, request.query)
@@ -261,109 +312,104 @@ class Forwarder:
             raise _Refusal(403, f"this API key is for the {provider.kind.value} API, not {route.kind.value}")
         return gateway_key
 
-    async def _exchange(
+    def _key_admissible(self) -> Callable[[int], bool]:
+        admission = self._admission
+        now = time.time()
+        return lambda key_id: admission.provider_key_admissible(key_id, now)
+
+    async def _admit(
         self,
-        request: ClientRequest,
-        response: ResponseSink,
         exchange: _Exchange,
-        provider: ProviderView,
         gateway_key: GatewayKeyView,
-        upstream_request: UpstreamRequest,
-        strip_usage: bool,
-    ) -> None:
-        record = exchange.record
-        timeouts = ExchangeTimeouts(
-            connect=provider.connect_timeout,
-            first_byte=gateway_key.first_byte_timeout or provider.first_byte_timeout,
-            idle=provider.idle_timeout,
+        provider: ProviderView,
+        key: ProviderKeyView,
+        route: Route,
+        body_json: dict[str, Any],
+    ) -> tuple[ProviderKeyView, tuple[tuple[bytes, bytes], ...]]:
+        """Reserve the request on its limits (gateway key, owner, provider key); returns the key to use first.
+
+        A provider key at its own limit is swapped for another key of the pool; any other refusal ends the
+        request with the limit's status, ``Retry-After`` and the gateway key's ``x-ratelimit-*`` headers.
+        """
+        snapshot = exchange.snapshot
+        user = snapshot.users.get(gateway_key.owner_id) if gateway_key.owner_id is not None else None
+        if not _has_limits(gateway_key) and user is None and not _has_key_limits(key):
+            return key, ()
+        estimate = estimate_tokens(
+            body_json,
+            generates=route.billable and route.has_body,
+            default_output_tokens=self._admission.settings.default_output_tokens,
         )
-        record.attempts = 1
-        failure: TrioProxyError | None = None
-        with trio.move_on_after(gateway_key.total_timeout or provider.total_timeout) as deadline:
-            try:
-                async with self._pool.exchange(provider.origin, upstream_request, timeouts) as upstream:
-                    record.ttfb_ms = (trio.current_time() - exchange.started) * 1000.0
-                    record.status = upstream.status
-                    if upstream.status >= 400:
-                        record.outcome = Outcome.UPSTREAM_ERROR
-                        record.error = f"provider answered {upstream.status}"
-                    await self._relay(response, exchange, upstream, strip_usage)
-            except ClientGoneError:
-                raise
-            except TrioProxyError as exc:
-                failure = exc
-        if deadline.cancelled_caught:
-            failure = TrioProxyError("the request exceeded its total deadline", status_hint=504)
-        if failure is not None:
-            await self._upstream_failed(response, exchange, failure)
-
-    async def _relay(
-        self, response: ResponseSink, exchange: _Exchange, upstream: UpstreamResponse, strip_usage: bool
-    ) -> None:
-        """Stream the provider's answer to the client as it arrives, metering the same bytes."""
-        fmt = exchange.fmt if upstream.status < 400 else StreamFormat.JSON
-        meter = exchange.meter = UsageMeter(exchange.kind, fmt)
-        stripper = UsageChunkStripper() if strip_usage and upstream.status < 400 else None
-        headers = filter_response_headers(upstream.headers)
-        headers.append((b"x-request-id", exchange.record.request_id.encode()))
-        content_length = None if stripper is not None else _content_length(upstream.headers)
-        await response.start(upstream.status, headers, content_length=content_length)
+        cost = estimate_cost(snapshot.prices, route.kind, exchange.record.model, estimate)
+        lease = (gateway_key.total_timeout or provider.total_timeout) + 60.0
+        excluded: set[int] = set()
         while True:
-            data = await upstream.receive_some()
-            if not data:
-                break
-            meter.feed(data)
-            out = stripper.feed(data) if stripper is not None else data
-            if out:
-                exchange.bytes_to_client += len(out)
-                await response.send(out)
-        if stripper is not None:
-            tail = stripper.flush()
-            if tail:
-                await response.send(tail)
-        await response.end()
-
-    async def _upstream_failed(
-        self, response: ResponseSink, exchange: _Exchange, failure: TrioProxyError
-    ) -> None:
-        record = exchange.record
-        record.outcome = Outcome.UPSTREAM_DIED
-        record.error = redact(failure.message)
-        logger.warning("request %s: upstream failed: %s", record.request_id, record.error)
-        if not response.started:
-            record.status = failure.status_hint
-            await self._send_error(response, exchange, failure.status_hint, f"upstream error: {record.error}")
-            return
-        # The answer already started: end it with one in-band error and a truncated body.
-        if exchange.fmt is not StreamFormat.JSON and record.status < 400:
-            event = stream_error_event(
-                exchange.kind,
-                exchange.fmt,
-                f"upstream error: {record.error}",
-                status=failure.status_hint,
-                first_element=exchange.bytes_to_client == 0,
+            verdict = await self._admission.admit(
+                AdmissionRequest(
+                    exchange.record.request_id,
+                    gateway_key,
+                    time.time(),
+                    estimate.total,
+                    cost,
+                    exchange.record.model,
+                    user,
+                    key,
+                    lease_seconds=lease,
+                )
             )
-            try:
-                await response.send(event)
-            except ClientGoneError:
-                record.outcome = Outcome.CLIENT_CANCELLED
-        await response.abort()
+            if not isinstance(verdict, Refused):
+                exchange.reservation = verdict.reservation
+                return key, verdict.headers
+            if verdict.scope is Scope.PROVIDER_KEY:
+                excluded.add(key.id)
+                pick = self._balancer.pick(
+                    gateway_key,
+                    snapshot,
+                    now=trio.current_time(),
+                    exclude=frozenset(excluded),
+                    key_admissible=self._key_admissible(),
+                )
+                if pick is not None:
+                    key = pick.key
+                    continue
+            raise _Refusal(
+                verdict.status_for(exchange.kind),
+                verdict.message,
+                code=verdict.openai_code,
+                headers=verdict.headers,
+            )
 
-    async def _send_error(
-        self, response: ResponseSink, exchange: _Exchange, status: int, message: str
-    ) -> None:
-        exchange.record.status = status
-        if response.started:
-            await response.abort()
-            return
-        body = error_body(exchange.kind, status, message)
-        headers = [JSON_HEADERS, (b"x-request-id", exchange.record.request_id.encode())]
-        try:
-            await response.start(status, headers, content_length=len(body))
-            await response.send(body)
-            await response.end()
-        except ClientGoneError:
-            exchange.record.outcome = Outcome.CLIENT_CANCELLED
+
+def _estimate_broken_off(usage: Usage, generated_chars: int, body: dict[str, Any]) -> Usage:
+    """Usage of a stream that broke off before the provider reported all of it (OpenAI reports only at the
+    end): the prompt estimated from the request body, the output from the generated text seen. Never less than
+    what the provider did report, so a broken stream is never recorded at $0 when it produced tokens."""
+    output = max(usage.output_tokens, math.ceil(generated_chars / CHARS_PER_TOKEN))
+    input_tokens = usage.input_tokens
+    if not usage.reported or input_tokens == 0:
+        input_tokens = max(input_tokens, estimate_tokens(body, generates=False).input_tokens)
+    if (input_tokens, output) == (usage.input_tokens, usage.output_tokens):
+        return usage
+    return dataclasses.replace(usage, input_tokens=input_tokens, output_tokens=output)
+
+
+def _has_limits(key: GatewayKeyView) -> bool:
+    return any(
+        value is not None
+        for value in (
+            key.rpm_limit,
+            key.tpm_limit,
+            key.rpd_limit,
+            key.daily_token_limit,
+            key.daily_cost_limit,
+            key.budget,
+            key.max_concurrency,
+        )
+    )
+
+
+def _has_key_limits(key: ProviderKeyView) -> bool:
+    return key.rpm_limit is not None or key.tpm_limit is not None or key.rpd_limit is not None
 
 
 def _parse_body(route: Route, body: bytes) -> dict[str, Any]:
@@ -395,10 +441,3 @@ def _check_model_allowed(gateway_key: GatewayKeyView, model: str | None) -> None
 
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
-
-
-def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value)
-    return None

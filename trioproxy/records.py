@@ -71,9 +71,18 @@ class RequestRecord:
     outcome: Outcome = Outcome.OK
     usage: Usage = field(default_factory=Usage)
     usage_partial: bool = False  # the stream ended before its terminal marker
+    # The provider never reported (all of) the usage of a broken-off stream, so the tokens are estimates: the
+    # prompt from the request body, the output from the generated text seen (4 characters a token).
+    usage_estimated: bool = False
     cost: CostBreakdown | None = None
     price_missing: bool = False  # the model has no price: cost is None, never a silent 0
     ttfb_ms: float | None = None
     duration_ms: float | None = None
     attempts: int = 0
     error: str | None = None  # a short, secret-free reason
+    # JSON list of the upstream attempts in order: {"key": provider key id, "status": int | null, "error": str |
+    # null, "ms": float}; None when no attempt was made (rejected before the upstream was contacted).
+    attempt_log: str | None = None
+    panic: bool = (
+        False  # every key of the pool was unavailable: the balancer used the least recently failed one
+    )

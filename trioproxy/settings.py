@@ -59,6 +59,9 @@ class UpstreamSettings:
     max_response_header_bytes: int = 16 * 1024
     max_response_body_bytes: int = 64 * 1024 * 1024  # non-streamed bodies only (OWASP API10)
     user_agent: str = "trioproxy/0.1"
+    # A 200 stream's response head is held back until its first event, at most this long, so that an error
+    # arriving as the first event can still be retried on another key (after that the stream is committed).
+    first_event_hold: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,12 @@ class Settings:
     allow_private_upstreams: bool = False
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For we believe
     drain_timeout: float = 30.0
+    # Gateway processes (instances x workers) sharing the limits; without Redis each gets limit // instances.
+    instances: int = 1
+    # When Redis is unreachable: "fail_open_local" (local limits divided by `instances`) or "fail_closed" (503).
+    redis_failure_policy: str = "fail_open_local"
+    # Token-free probes (model lists) of ejected and idle provider keys.
+    active_health_checks: bool = False
     config_poll_interval: float = 0.25
     log_level: str = "INFO"
     # Set by the `serve --workers N` supervisor in each data-plane process it starts (0..N-1): the proxy listener

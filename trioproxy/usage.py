@@ -419,7 +419,18 @@ class UsageMeter:
     or not) returns the :class:`~trioproxy.records.Usage`. Neither raises because of what the provider sent.
     """
 
-    __slots__ = ("_array", "_body", "_fmt", "_framer", "_gave_up", "_kind", "_max", "_result", "_tally")
+    __slots__ = (
+        "_array",
+        "_body",
+        "_fmt",
+        "_framer",
+        "_gave_up",
+        "_kind",
+        "_max",
+        "_result",
+        "_tally",
+        "generated_chars",
+    )
 
     def __init__(
         self, kind: ProviderKind, fmt: StreamFormat, *, max_buffer: int = DEFAULT_MAX_BUFFER
@@ -435,6 +446,9 @@ class UsageMeter:
         # the body cap rather than the framer's 1 MiB default.
         self._framer = SSEFramer(max_event_bytes=max_buffer) if self._fmt is StreamFormat.SSE else None
         self._array = _ArraySplitter(max_buffer) if self._fmt is StreamFormat.JSON_ARRAY else None
+        # Characters of generated text seen in stream events (escaped JSON length): the basis of an output
+        # estimate when a stream breaks off before the provider reported its usage.
+        self.generated_chars = 0
 
     def __repr__(self) -> str:
         return f"<UsageMeter {self._kind.value}/{self._fmt.value} gave_up={self._gave_up}>"
@@ -492,8 +506,19 @@ class UsageMeter:
         handler = _EVENT_HANDLERS[self._kind]
         for event in events:
             if event.has_data:
+                self.generated_chars += _generated_text_length(event.data)
                 handler(self._tally, event)
 
     def _on_object(self, obj: Any) -> None:
         if isinstance(obj, dict):
             _OBJECT_HANDLERS[self._kind](self._tally, obj)
+
+
+# String values that carry generated text in the three dialects' stream events: OpenAI chat deltas
+# ("content", tool "arguments"), the Responses API's "delta", Anthropic's "text" / "thinking" / "partial_json",
+# Gemini's parts' "text". A regex over the raw event is far cheaper than parsing every event's JSON.
+_GENERATED_TEXT = re.compile(r'"(?:content|text|thinking|partial_json|arguments|delta)":"((?:[^"\\]|\\.)*)"')
+
+
+def _generated_text_length(data: str) -> int:
+    return sum(len(match) for match in _GENERATED_TEXT.findall(data))

@@ -253,6 +253,9 @@ class RequestRow(Base):
     attempts: Mapped[int] = mapped_column(sa.Integer, nullable=False)
     client_ip: Mapped[str | None] = mapped_column(sa.String(64))
     error: Mapped[str | None] = mapped_column(sa.Text)
+    attempt_log: Mapped[str | None] = mapped_column(sa.Text)  # JSON list, one object per upstream attempt
+    panic: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, server_default=sa.false())
+    usage_estimated: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, server_default=sa.false())
 
 
 class ModelPriceRow(Base):

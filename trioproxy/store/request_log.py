@@ -60,6 +60,9 @@ def record_to_row(r: RequestRecord) -> dict[str, Any]:
         "attempts": r.attempts,
         "client_ip": r.client_ip,
         "error": r.error,
+        "attempt_log": r.attempt_log,
+        "panic": r.panic,
+        "usage_estimated": r.usage_estimated,
     }
 
 

@@ -130,7 +130,8 @@ class Fault:
 class _ArmedFault:
     fault: Fault
     path_contains: str | None
-    remaining: int
+    remaining: int  # < 0: applies forever
+    api_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,22 +274,34 @@ class FakeUpstream:
         self._connections_changed.set()
         self._connections_changed = trio.Event()
 
-    def add_fault(self, fault: Fault, *, path_contains: str | None = None) -> None:
+    def add_fault(
+        self,
+        fault: Fault,
+        *,
+        path_contains: str | None = None,
+        api_key: str | None = None,
+        forever: bool = False,
+    ) -> None:
         """Apply ``fault`` to the next ``fault.times`` authenticated requests to a known route whose path
-        contains ``path_contains`` (any path if None). Faults are consumed in the order they were added."""
-        self._faults.append(_ArmedFault(fault, path_contains, fault.times))
+        contains ``path_contains`` (any path if None) and that present ``api_key`` (any key if None), or to every
+        such request with ``forever``. Faults are consumed in the order they were added."""
+        self._faults.append(_ArmedFault(fault, path_contains, -1 if forever else fault.times, api_key))
 
     def clear_faults(self) -> None:
         """Disarm every fault not yet consumed."""
         self._faults.clear()
 
-    def _take_fault(self, path: str) -> Fault | None:
+    def _take_fault(self, path: str, api_key: str) -> Fault | None:
         for armed in self._faults:
-            if armed.path_contains is None or armed.path_contains in path:
+            if armed.path_contains is not None and armed.path_contains not in path:
+                continue
+            if armed.api_key is not None and armed.api_key != api_key:
+                continue
+            if armed.remaining > 0:
                 armed.remaining -= 1
                 if armed.remaining == 0:
                     self._faults.remove(armed)
-                return armed.fault
+            return armed.fault
         return None
 
     # ------------------------------------------------------------------------------------------- serving
@@ -432,7 +445,7 @@ class FakeUpstream:
         route = _route_of(dialect, request.method, path)
         if route is None:
             return dialect, not_found_reply(dialect, request.method, request.path, seq=seq), None, seq
-        fault = self._take_fault(request.path)
+        fault = self._take_fault(request.path, key)
         if fault is not None and fault.status is not None:
             return dialect, error_reply(dialect, fault.status, seq=seq), fault, seq
         call = Call(seq=seq, now=int(time.time()), pieces=self.pieces, usage=self.usage)
