@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+import trio
 from hypothesis import HealthCheck, settings
 from psycopg import sql
+
+from tests.redis_support import delete_prefix, require_redis
 
 # Property tests: a quick default locally, many more examples in CI (CI=true), never a deadline on shared cores.
 settings.register_profile("dev", max_examples=100, deadline=None)
@@ -89,3 +92,18 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """Each test that takes this runs twice: on SQLite and on PostgreSQL."""
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The real Redis at 127.0.0.1:6379 (skipped when down, a failure under CI=true)."""
+    return require_redis()
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"trioproxy-test:{secrets.token_hex(8)}"
+    yield prefix
+    with trio.move_on_after(5, shield=True):
+        await delete_prefix(redis_url, prefix)

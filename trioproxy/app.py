@@ -121,6 +121,7 @@ async def run_gateway(
         balancer = Balancer()
         limits = LimitsSettings(
             redis_url=settings.redis_url,
+            redis_prefix=f"{settings.redis_prefix}:limits",
             on_redis_failure=FailurePolicy(settings.redis_failure_policy),
             instances=settings.instances,
         )
@@ -134,7 +135,7 @@ async def run_gateway(
             await services.start(pool.run)
             await services.start(reloader.run)
             if settings.redis_url:
-                await services.start(SharedKeyStates(balancer, settings.redis_url).run)
+                await services.start(SharedKeyStates(balancer, settings.redis_url, prefix=f"{settings.redis_prefix}:balancer").run)
             if settings.active_health_checks:
                 checker = ActiveChecker(
                     balancer,

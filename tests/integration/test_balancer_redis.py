@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import socket
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import coredis
 import pytest
@@ -20,42 +18,7 @@ from trioproxy.snapshot import GatewayKeyView, Origin, ProviderKeyView, Provider
 
 pytestmark = pytest.mark.redis
 
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
 POLL = 0.02
-
-
-def _redis_up() -> bool:
-    try:
-        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1.0) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """The Redis URL; skipped when Redis is down, except under CI=true where that is a failure."""
-    if not _redis_up():
-        message = f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
-
-
-@pytest.fixture
-async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"trioproxy-test:{uuid.uuid4().hex}"
-    yield prefix
-    client: coredis.Redis[str] = coredis.Redis.from_url(redis_url, decode_responses=True)
-    with trio.fail_after(5):
-        async with client:
-            keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-            if keys:
-                await client.delete(keys)
 
 
 PROVIDER = ProviderView(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -23,6 +22,7 @@ import sqlalchemy as sa
 import trio
 import trio.lowlevel
 
+from tests.redis_support import Relay, delete_prefix
 from tests.unit.test_limits_admission import admit_all
 from tests.unit.test_limits_local import (
     BASE_DAY,
@@ -57,31 +57,8 @@ NOW = BASE_DAY + 3600.0
 
 
 @pytest.fixture
-def redis_url() -> str:
-    """The shared Redis; skipped when it is down, except under CI=true where that is a failure."""
-    try:
-        socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=2).close()
-    except OSError as exc:
-        message = f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable ({exc})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
-
-
-async def delete_prefix(url: str, prefix: str) -> None:
-    async with coredis.Redis.from_url(url, decode_responses=True) as client:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await client.delete(keys)
-
-
-@pytest.fixture
-async def prefix(redis_url: str) -> AsyncIterator[str]:
-    name = f"tp-test-{secrets.token_hex(6)}"
-    yield name
-    with trio.move_on_after(5, shield=True):
-        await delete_prefix(redis_url, name)
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 def settings_for(url: str, prefix: str, **kwargs: Any) -> LimitsSettings:
@@ -224,47 +201,6 @@ async def test_unreachable_redis_applies_the_policy(
     outage_lines = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
     assert len(outage_lines) == 1
     assert policy.value in outage_lines[0].getMessage()
-
-
-class Relay:
-    """A TCP relay to Redis that can be cut (listener and every connection closed) and restored on its port."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self._scope: trio.CancelScope | None = None
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        self.port = await nursery.start(self._serve, self.port)
-
-    def cut(self) -> None:
-        assert self._scope is not None
-        self._scope.cancel()
-
-    async def _serve(self, port: int, task_status: trio.TaskStatus[int]) -> None:
-        with trio.CancelScope() as self._scope:
-            listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-            task_status.started(listeners[0].socket.getsockname()[1])
-            await trio.serve_listeners(self._relay, listeners)
-
-    async def _relay(self, client: trio.SocketStream) -> None:
-        try:
-            upstream = await trio.open_tcp_stream(REDIS_HOST, REDIS_PORT)
-        except OSError:
-            await trio.aclose_forcefully(client)
-            return
-
-        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-            try:
-                while data := await source.receive_some(65536):
-                    await sink.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                await trio.aclose_forcefully(sink)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, client, upstream)
-            nursery.start_soon(pump, upstream, client)
 
 
 async def test_redis_lost_mid_run_then_back(prefix: str, caplog: pytest.LogCaptureFixture) -> None:
