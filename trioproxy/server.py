@@ -150,7 +150,9 @@ class ResponseSink:
             kept.append((b"content-length", str(content_length).encode("ascii")))
         if self._close_connection():  # asked at start(): a drain may have begun meanwhile
             kept.append((b"connection", b"close"))
-        self._head = h11.Response(status_code=status, headers=kept, reason=_reason(status))
+        # _parsed=True skips h11's per-header regex validation (a third of the request path's CPU): handlers pass
+        # headers an h11 parser already validated (the provider's) or constants of their own.
+        self._head = h11.Response(status_code=status, headers=kept, reason=_reason(status), _parsed=True)
         await trio.lowlevel.checkpoint()
 
     async def send(self, data: bytes) -> None:
