@@ -186,14 +186,9 @@ class UpstreamConnection:
         self._received_this_cycle = 0
         self.body_complete = False
         try:
-            # _parsed=True skips h11's per-header regex validation, the largest CPU cost of a proxied request
-            # (docs/BENCHMARKS.md): every value here is already valid, being either a client header h11 parsed,
-            # a constant, or a value validated when it was stored (secrets, extra headers, the base URL).
             parts = [
                 self._h11.send(
-                    h11.Request(
-                        method=request.method, target=request.target, headers=request.headers, _parsed=True
-                    )
+                    h11.Request(method=request.method, target=request.target, headers=request.headers)
                 )
             ]
             if request.body:
