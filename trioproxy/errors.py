@@ -89,6 +89,12 @@ class ConflictError(StoreError):
     status_hint = 409
 
 
+class ForbiddenError(TrioProxyError):
+    """The caller may see the object but lacks the permission to do this to it."""
+
+    status_hint = 403
+
+
 class ValidationError(TrioProxyError):
     """A provisioning value is malformed (bad URL, unknown kind, negative weight)."""
 
