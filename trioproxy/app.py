@@ -135,7 +135,11 @@ async def run_gateway(
             await services.start(pool.run)
             await services.start(reloader.run)
             if settings.redis_url:
-                await services.start(SharedKeyStates(balancer, settings.redis_url, prefix=f"{settings.redis_prefix}:balancer").run)
+                await services.start(
+                    SharedKeyStates(
+                        balancer, settings.redis_url, prefix=f"{settings.redis_prefix}:balancer"
+                    ).run
+                )
             if settings.active_health_checks:
                 checker = ActiveChecker(
                     balancer,

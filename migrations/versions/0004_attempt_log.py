@@ -20,7 +20,9 @@ def upgrade() -> None:
         # JSON text: [{"key": id, "status": 429, "error": "...", "ms": 12.3}, ...] in attempt order.
         batch.add_column(sa.Column("attempt_log", sa.Text(), nullable=True))
         batch.add_column(sa.Column("panic", sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch.add_column(sa.Column("usage_estimated", sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch.add_column(
+            sa.Column("usage_estimated", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
 
 
 def downgrade() -> None:

@@ -25,12 +25,14 @@ CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "conten
 async def _limit_rpm(stack: Stack, rpm: int, *gateways: RunningGateway) -> None:
     key = next(k for k in stack.gateway.snapshots.current.gateway_keys.values() if k.name == "openai-client")
     await trio.to_thread.run_sync(partial(update_gateway_key, stack.engine, key.id, {"rpm_limit": rpm}))
-    for gateway in gateways:
-        await stack.wait_for_config(
-            lambda gateway=gateway: any(
-                k.rpm_limit == rpm for k in gateway.snapshots.current.gateway_keys.values() if k.id == key.id
-            )
+
+    def limited(gateway: RunningGateway) -> bool:
+        return any(
+            k.rpm_limit == rpm for k in gateway.snapshots.current.gateway_keys.values() if k.id == key.id
         )
+
+    for gateway in gateways:
+        await stack.wait_for_config(partial(limited, gateway))
 
 
 async def _fire(

@@ -10,7 +10,7 @@ import ssl
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import h11
@@ -1055,7 +1055,7 @@ async def test_gemini_sdk(nursery: trio.Nursery) -> None:
         count = client.models.count_tokens(model="gemini-2.5-flash", contents="hi")
         embedding = client.models.embed_content(
             model="gemini-embedding-001",
-            contents=["a", "b"],
+            contents=cast(Any, ["a", "b"]),  # the SDK's union type is invariant in the list's item type
             config=genai_types.EmbedContentConfig(output_dimensionality=4),
         )
         client.close()
