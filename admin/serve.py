@@ -21,10 +21,13 @@ from functools import partial
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from sqlalchemy import Engine
 
 from admin.app import create_app
 from admin.auth import bootstrap_admin
-from admin.state import AdminState
+from admin.state import AdminState, build_state
+from trioproxy.app import RunningGateway
+from trioproxy.crypto import SecretBox
 
 logger = logging.getLogger("admin")
 
@@ -87,3 +90,17 @@ async def serve_admin(
             # (hypercorn's own graceful_timeout, plus a second for its lifespan shutdown).
             stop.set()
             shield.deadline = trio.current_time() + grace + 1.0
+
+
+async def run_control_plane(
+    gateway: RunningGateway,
+    engine: Engine,
+    box: SecretBox,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The control plane of a running data plane (the ``control_plane`` hook of
+    :func:`trioproxy.app.run_gateway`): serve the admin API on the configured admin address."""
+    settings = gateway.settings
+    state = await trio.to_thread.run_sync(partial(build_state, settings, engine, box, gateway=gateway))
+    await serve_admin(state, settings.admin_host, settings.admin_port, task_status=task_status)

@@ -10,8 +10,13 @@
         ├── config reloader               (swaps the snapshot when the config version moves)
         ├── shared key states             (only with Redis: key health shared across instances)
         ├── active key checks             (only when enabled: token-free probes of ejected/idle keys)
+        ├── control plane :9090           (the admin API, started through the ``control_plane`` hook)
         └── front
             └── proxy server :8080        (one task per client connection)
+
+The data plane never imports the control plane (``admin`` depends on ``trioproxy``, not the other way round):
+the composition root, ``trioproxy serve`` in :mod:`trioproxy.cli`, passes the admin server in as the
+``control_plane`` hook.
 
 Shutdown (SIGTERM/SIGINT, or :meth:`RunningGateway.request_stop`) runs in this order: the proxy stops accepting and
 drains in-flight requests until the drain deadline; then the metering writer flushes every queued row (into the
@@ -26,6 +31,7 @@ import logging
 import signal
 import ssl
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 from sqlalchemy import Engine
@@ -54,6 +60,14 @@ logger = logging.getLogger(__name__)
 METERING_FLUSH_TIMEOUT = 10.0
 
 
+class ControlPlane(Protocol):
+    """A service started beside the data plane once it is up; reports its bound port via ``task_status``."""
+
+    async def __call__(
+        self, gateway: RunningGateway, engine: Engine, box: SecretBox, *, task_status: trio.TaskStatus[int]
+    ) -> None: ...
+
+
 @dataclass
 class RunningGateway:
     """Handle on a started gateway: its bound ports and its parts, for the CLI, tests and the benchmarks."""
@@ -68,6 +82,7 @@ class RunningGateway:
     engine: Engine
     balancer: Balancer
     admission: Admission
+    admin_port: int | None = None  # None: no control plane in this process
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def request_stop(self) -> None:
@@ -95,9 +110,11 @@ async def run_gateway(
     settings: Settings,
     *,
     ssl_context: ssl.SSLContext | None = None,
+    control_plane: ControlPlane | None = None,
     task_status: trio.TaskStatus[RunningGateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the data plane until :meth:`RunningGateway.request_stop` is called, then shut down gracefully."""
+    """Run the data plane (and ``control_plane`` beside it) until :meth:`RunningGateway.request_stop` is called,
+    then shut down gracefully."""
     engine, box = await trio.to_thread.run_sync(open_store, settings)
     try:
         reloader = ConfigReloader(
@@ -168,6 +185,10 @@ async def run_gateway(
                     admission=admission,
                 )
                 logger.info("proxy listening on %s:%s", settings.proxy_host, port)
+                if control_plane is not None:
+                    gateway.admin_port = await services.start(
+                        functools.partial(control_plane, gateway, engine, box)
+                    )
                 task_status.started(gateway)
                 await gateway._stop.wait()
                 logger.info("draining %s in-flight requests", server.active_requests)
@@ -180,10 +201,14 @@ async def run_gateway(
             await trio.to_thread.run_sync(engine.dispose)
 
 
-async def _serve_until_signalled(settings: Settings) -> None:
+async def _serve_until_signalled(settings: Settings, control_plane: ControlPlane | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            gateway: RunningGateway = await nursery.start(run_gateway, settings)
+            gateway: RunningGateway = await nursery.start(
+                functools.partial(run_gateway, settings, control_plane=control_plane)
+            )
+            if gateway.admin_port is not None:
+                print(f"trioproxy: admin listening on {settings.admin_host}:{gateway.admin_port}", flush=True)
             print(f"trioproxy: proxy listening on {settings.proxy_host}:{gateway.proxy_port}", flush=True)
             async for signum in signals:
                 logger.info("received %s: shutting down", signal.Signals(signum).name)
@@ -191,9 +216,9 @@ async def _serve_until_signalled(settings: Settings) -> None:
                 break
 
 
-def serve_forever(settings: Settings) -> None:
+def serve_forever(settings: Settings, control_plane: ControlPlane | None = None) -> None:
     """The ``trioproxy serve`` command: run until SIGTERM/SIGINT, drain, flush, return (exit status 0)."""
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    trio.run(_serve_until_signalled, settings)
+    trio.run(_serve_until_signalled, settings, control_plane)

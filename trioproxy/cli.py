@@ -205,14 +205,17 @@ def _cmd_usage(args: argparse.Namespace, settings: Settings) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> Any:
-    # Imported here: the data plane pulls in trio and the proxy, which provisioning commands never need.
+    # Imported here: the planes pull in trio, the proxy and Quart, which provisioning commands never need. This
+    # command is the composition root: the data plane gets the control plane as a hook and never imports it.
+    from admin.serve import run_control_plane
     from trioproxy.app import serve_forever
     from trioproxy.workers import default_worker_count, serve_workers
 
+    control_plane = f"{run_control_plane.__module__}:{run_control_plane.__name__}"
     if args.workers is None:
-        serve_forever(settings)
+        serve_forever(settings, run_control_plane)
     elif args.workers == "auto":
-        serve_workers(settings, default_worker_count())
+        serve_workers(settings, default_worker_count(), control_plane)
     else:
         try:
             count = int(args.workers)
@@ -222,7 +225,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> Any:
             ) from None
         if count < 1:
             raise ValidationError("--workers must be at least 1")
-        serve_workers(settings, count)
+        serve_workers(settings, count, control_plane)
     return None
 
 

@@ -36,6 +36,7 @@ port cannot be reserved, a worker fails to start, or a worker did not stop clean
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import re
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 import trio
 from sqlalchemy import Engine
 
-from trioproxy.app import METERING_FLUSH_TIMEOUT, RunningGateway, open_store, run_gateway
+from trioproxy.app import METERING_FLUSH_TIMEOUT, ControlPlane, RunningGateway, open_store, run_gateway
 from trioproxy.errors import TrioProxyError
 from trioproxy.metering import MeteringWriter
 from trioproxy.settings import Settings
@@ -86,8 +87,11 @@ def default_worker_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def serve_workers(settings: Settings, count: int) -> None:
+def serve_workers(settings: Settings, count: int, control_plane: str | None = None) -> None:
     """The ``trioproxy serve --workers N`` command: supervise ``count`` workers until SIGTERM/SIGINT.
+
+    ``control_plane`` ("module:function", see :class:`trioproxy.app.ControlPlane`) runs in worker 0 only: one
+    admin API per group. It is passed by name so that this package never imports the control plane.
 
     Returns when every worker stopped cleanly; raises :class:`WorkersFailed` otherwise.
     """
@@ -99,7 +103,7 @@ def serve_workers(settings: Settings, count: int) -> None:
     reservation = _reserve_port(settings.proxy_host, settings.proxy_port)
     try:
         port: int = reservation.getsockname()[1]
-        trio.run(_supervise, settings, count, port)
+        trio.run(_supervise, settings, count, port, control_plane)
     except BaseExceptionGroup as group:
         # A keeper's WorkersFailed arrives wrapped by the nursery; the CLI reports the error itself.
         failed, rest = group.split(WorkersFailed)
@@ -131,7 +135,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _supervise(settings: Settings, count: int, port: int) -> None:
+async def _supervise(settings: Settings, count: int, port: int, control_plane: str | None = None) -> None:
     try:
         engine, _box = await trio.to_thread.run_sync(open_store, settings)
     except TrioProxyError as exc:
@@ -140,7 +144,7 @@ async def _supervise(settings: Settings, count: int, port: int) -> None:
         await _replay_orphan_spools(settings, count, engine)
     finally:
         await trio.to_thread.run_sync(engine.dispose)
-    group = _WorkerGroup(settings, count, port)
+    group = _WorkerGroup(settings, count, port, control_plane)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             group.nursery_scope = nursery.cancel_scope
@@ -185,6 +189,7 @@ class _WorkerGroup:
     settings: Settings
     count: int
     port: int
+    control_plane: str | None = None  # "module:function", run by worker 0
     nursery_scope: trio.CancelScope | None = None
     failures: list[str] = field(default_factory=list)
     _processes: dict[int, trio.Process] = field(default_factory=dict)
@@ -212,9 +217,10 @@ class _WorkerGroup:
         }
         while not self._stopping.is_set():
             started = trio.current_time()
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "trioproxy.workers"], env=env, stdout=subprocess.PIPE
-            )
+            command = [sys.executable, "-m", "trioproxy.workers"]
+            if index == 0 and self.control_plane is not None:
+                command += ["--control-plane", self.control_plane]
+            process = await trio.lowlevel.open_process(command, env=env, stdout=subprocess.PIPE)
             self._processes[index] = process
             was_ready = False
             try:
@@ -280,11 +286,13 @@ class _WorkerGroup:
 # ------------------------------------------------------------------------------------------------- worker
 
 
-async def _run_worker(settings: Settings) -> None:
+async def _run_worker(settings: Settings, control_plane: ControlPlane | None = None) -> None:
     parent = os.getppid()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            gateway: RunningGateway = await nursery.start(run_gateway, settings)
+            gateway: RunningGateway = await nursery.start(
+                functools.partial(run_gateway, settings, control_plane=control_plane)
+            )
             print(
                 f"trioproxy: worker {settings.worker_index} (pid {os.getpid()}) listening on "
                 f"{settings.proxy_host}:{gateway.proxy_port}",
@@ -323,7 +331,11 @@ def worker_main() -> None:
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [worker {settings.worker_index}] %(name)s: %(message)s",
     )
-    trio.run(_run_worker, settings)
+    control_plane = None
+    if len(sys.argv) == 3 and sys.argv[1] == "--control-plane":
+        module, _, name = sys.argv[2].partition(":")
+        control_plane = getattr(importlib.import_module(module), name)
+    trio.run(_run_worker, settings, control_plane)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ async def test_serve_process_provisioned_by_the_cli_and_stopped_by_sigterm(tmp_p
         "TRIOPROXY_DATA_DIR": str(tmp_path),
         "TRIOPROXY_PROXY_HOST": "127.0.0.1",
         "TRIOPROXY_PROXY_PORT": "0",
+        "TRIOPROXY_ADMIN_PORT": "0",
+        "TRIOPROXY_ADMIN_PASSWORD": "correct horse battery staple 42",
         "TRIOPROXY_ALLOW_PRIVATE_UPSTREAMS": "true",
     }
     env.pop("TRIOPROXY_DATABASE_URL", None)
@@ -113,11 +115,16 @@ async def test_serve_process_provisioned_by_the_cli_and_stopped_by_sigterm(tmp_p
         )
         try:
             assert process.stdout is not None
-            line = b""
+            output = b""
             with trio.fail_after(30):
-                while not line.endswith(b"\n"):
-                    line += await process.stdout.receive_some(1)
-            port = int(line.decode().rsplit(":", 1)[1])
+                while b"proxy listening on" not in output or not output.endswith(b"\n"):
+                    output += await process.stdout.receive_some(1)
+            lines = output.decode().splitlines()
+            port = int(next(line for line in lines if "proxy listening" in line).rsplit(":", 1)[1])
+            admin_port = int(next(line for line in lines if "admin listening" in line).rsplit(":", 1)[1])
+            async with httpcore.AsyncConnectionPool() as admin:
+                health = await admin.request("GET", f"http://127.0.0.1:{admin_port}/api/openapi.json")
+                assert health.status == 200
             response = await _post(f"http://127.0.0.1:{port}/v1/chat/completions", key, CHAT)
             assert response.status == 200
             process.send_signal(signal.SIGTERM)

@@ -37,6 +37,8 @@ def _env(data_dir: Path, port: int = 0) -> dict[str, str]:
         "TRIOPROXY_DATA_DIR": str(data_dir),
         "TRIOPROXY_PROXY_HOST": "127.0.0.1",
         "TRIOPROXY_PROXY_PORT": str(port),
+        "TRIOPROXY_ADMIN_PORT": "0",
+        "TRIOPROXY_ADMIN_PASSWORD": "correct horse battery staple 42",
         "TRIOPROXY_ALLOW_PRIVATE_UPSTREAMS": "true",
         "TRIOPROXY_LOG_LEVEL": "WARNING",
         "TRIOPROXY_DRAIN_TIMEOUT": "5",
