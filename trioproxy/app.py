@@ -139,6 +139,7 @@ async def run_gateway(
         limits = LimitsSettings(
             redis_url=settings.redis_url,
             redis_prefix=f"{settings.redis_prefix}:limits",
+            redis_timeout=settings.redis_timeout,
             on_redis_failure=FailurePolicy(settings.redis_failure_policy),
             instances=settings.instances,
         )

@@ -86,6 +86,8 @@ class Settings:
     database_url: str = ""  # empty: SQLite file in data_dir
     redis_url: str | None = None
     redis_prefix: str = "trioproxy"  # namespace of every Redis key, so deployments can share one server
+    # One limits decision's deadline on Redis; past it the Redis-failure policy applies (see trioproxy.limits).
+    redis_timeout: float = 0.5
     secret_key: str | None = None  # empty: read or generate data_dir/secret.key
     admin_password: str | None = None
     # Browser origins allowed to call the admin API (comma-separated, e.g. "https://admin.example.com"); empty:

@@ -35,6 +35,7 @@ import trio
 
 from trioproxy.balancer.balancer import Balancer
 from trioproxy.balancer.health import KeyState, Transition
+from trioproxy.redis_client import redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +127,7 @@ class SharedKeyStates:
             await trio.sleep(self._retry_interval * jitter)
 
     async def _session(self) -> None:
-        client: coredis.Redis[str] = coredis.Redis.from_url(
-            self._url,
-            decode_responses=True,
-            connect_timeout=self._op_timeout,
-            stream_timeout=self._op_timeout,
-        )
+        client = redis_client(self._url, connect_timeout=self._op_timeout, stream_timeout=self._op_timeout)
         async with client:
             self._seen = None  # whatever happened while we were away: read everything once
             while True:

@@ -32,11 +32,6 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import coredis
-from coredis.connection import TCPConnection
-from coredis.pool import ConnectionPool
-from coredis.retry import NoRetryPolicy
-
 from trioproxy.limits.model import (
     KEY_GRACE,
     RATE_WINDOW,
@@ -49,6 +44,7 @@ from trioproxy.limits.model import (
     Reservation,
     settled_amount,
 )
+from trioproxy.redis_client import redis_client
 
 # ARGV: now, rid, lease_until, n, then 5 per check: kind, limit, amount, a, b. KEYS: 2 per check.
 #   W: a = cutoff (now - window), b = ttl;  C: a = '1' if it settles, b = ttl of the reservation set;
@@ -239,32 +235,6 @@ def _ttl(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)) + KEY_GRACE)
 
 
-class _TCPConnection(TCPConnection):
-    """coredis 6 opens a connection's six buffer streams in ``__init__`` but closes them only once connected: a
-    failed connect (Redis down, the case the policy exists for) leaves them to the garbage collector, which
-    warns for each. Close them ourselves."""
-
-    async def _connect(self) -> Any:
-        try:
-            return await super()._connect()
-        except BaseException:
-            for name in _BUFFERS:
-                stream = getattr(self, name, None)
-                if stream is not None:
-                    stream.close()
-            raise
-
-
-_BUFFERS = (
-    "_push_message_buffer_in",
-    "_push_message_buffer_out",
-    "_streamed_message_buffer_in",
-    "_streamed_message_buffer_out",
-    "_write_buffer_in",
-    "_write_buffer_out",
-)
-
-
 class RedisBackend:
     """Limits shared by every instance that points at the same Redis and prefix."""
 
@@ -291,12 +261,7 @@ class RedisBackend:
         No client-side retries: a script resent after a lost reply could reserve twice; the caller's policy
         handles failures instead.
         """
-        pool = ConnectionPool.from_url(
-            url, decode_responses=True, connect_timeout=connect_timeout, stream_timeout=stream_timeout
-        )
-        if pool.connection_class is TCPConnection:
-            pool.connection_class = _TCPConnection
-        client = coredis.Redis(connection_pool=pool, decode_responses=True, retry_policy=NoRetryPolicy())
+        client = redis_client(url, connect_timeout=connect_timeout, stream_timeout=stream_timeout)
         async with client:
             yield cls(client, prefix)
 
