@@ -24,7 +24,7 @@ from tests.redis_support import delete_prefix, require_redis
 # Property tests: a quick default locally, many more examples in CI (CI=true), never a deadline on shared cores.
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile(
-    "ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+    "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 import trio
 import trio.lowlevel
 
+from tests.examples import examples
 from tests.redis_support import Relay, delete_prefix
 from tests.unit.test_limits_admission import admit_all
 from tests.unit.test_limits_local import (
@@ -95,7 +96,7 @@ def test_redis_backend_matches_the_reference_model(redis_url: str) -> None:
         finally:
             await delete_prefix(redis_url, name)
 
-    tally = check_against_reference("redis", backend, trio.run, max_examples=40)
+    tally = check_against_reference("redis", backend, trio.run, max_examples=examples(40))
     assert tally.admitted > 0
 
 

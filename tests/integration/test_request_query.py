@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.errors import ValidationError
 from trioproxy.records import CostBreakdown, Outcome, RequestRecord, Usage
 from trioproxy.store.db import create_engine_for, run_migrations, write_transaction
@@ -177,7 +178,10 @@ def row_sets(draw: st.DrawFn) -> list[RequestRecord]:
     ]
 
 
-@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=examples(40),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     rows=row_sets(),
     owner=st.sampled_from([None, 1, 2]),

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.errors import ValidationError
 from trioproxy.records import CostBreakdown, Outcome, RequestRecord, Usage
 from trioproxy.store import statistics as stats
@@ -595,7 +596,10 @@ def day_key(t: dt.datetime, zone: ZoneInfo) -> dt.date:
     return t.astimezone(zone).date()
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=examples(60),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(scenario=scenarios())
 def test_statistics_agree_with_a_python_reference(engine: sa.Engine, scenario: Any) -> None:
     tz, owner, rows, since_ts, until_ts, now_ts = scenario

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.errors import ConfigError, ValidationError
 from trioproxy.headers import (
     build_upstream_headers,
@@ -310,7 +311,7 @@ def test_invalid_gateway_values_raise_config_error_without_echo(field: str) -> N
     assert "sk-abc" not in info.value.message
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(
     kind=st.sampled_from(list(ProviderKind)),
     client=st.lists(st.tuples(st.binary(min_size=1, max_size=20).map(bytes.lower), st.binary(max_size=20))),
@@ -456,7 +457,7 @@ def test_client_address_without_trusted_proxies_is_the_peer() -> None:
     assert client_address("10.0.0.1", [(b"x-forwarded-for", b"1.2.3.4")], []) == "10.0.0.1"
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(peer=st.ip_addresses(v=4), hops=st.lists(st.ip_addresses(v=4), max_size=5))
 def test_property_untrusted_peer_always_wins(
     peer: ipaddress.IPv4Address, hops: list[ipaddress.IPv4Address]
@@ -522,7 +523,7 @@ SECRET_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-
 FILLER = st.text(alphabet=" \t\n,;:()[]{}<>!?/|", max_size=20)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(secret=st.text(alphabet=SECRET_CHARS, min_size=6, max_size=60), prefix=FILLER, suffix=FILLER)
 def test_property_credentials_never_survive(secret: str, prefix: str, suffix: str) -> None:
     templates = (

@@ -21,6 +21,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.limits.local import LocalBackend
 from trioproxy.limits.model import (
     DAY,
@@ -347,7 +348,7 @@ class _LocalContext:
 
 def test_local_backend_matches_the_reference_model() -> None:
     # A fixed number of examples (about 2,000 decisions), also in CI: the scenarios are long already.
-    tally = check_against_reference("local", _LocalContext, trio.run, max_examples=100)
+    tally = check_against_reference("local", _LocalContext, trio.run, max_examples=examples(100))
     assert tally.admitted > 0
 
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.errors import UpstreamProtocolError
 from trioproxy.openai_stream import UsageChunkStripper, prepare_stream_usage
 from trioproxy.snapshot import ProviderKind
@@ -193,7 +194,7 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     obfuscation=st.booleans(),
     eol=st.sampled_from(["\n", "\r\n"]),
@@ -218,7 +219,7 @@ _NOISE = st.lists(
 ).map(b"".join)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(data=_NOISE, cuts=st.lists(st.integers(min_value=0), max_size=10))
 def test_streams_without_usage_pass_through_unchanged(data: bytes, cuts: list[int]) -> None:
     if b"usage" in data:

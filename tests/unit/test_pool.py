@@ -18,6 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from tests.examples import examples
 from trioproxy.errors import (
     PoolClosedError,
     UpstreamConnectError,
@@ -1007,5 +1008,5 @@ class BooksMachine(RuleBasedStateMachine):
         assert set(self.books.origins()) <= set(ORIGINS)
 
 
-BooksMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+BooksMachine.TestCase.settings = settings(max_examples=examples(150), stateful_step_count=40, deadline=None)
 TestBooks = BooksMachine.TestCase

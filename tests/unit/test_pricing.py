@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.pricing import SEED_ALIASES, SEED_PRICES, ModelPrice, PriceTable, PriceTier
 from trioproxy.records import CostBreakdown, Usage
 from trioproxy.snapshot import ProviderKind
@@ -329,7 +330,7 @@ def test_seed_prices_are_sane() -> None:
 TOKENS = st.integers(min_value=0, max_value=2_000_000)
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(
     price=st.sampled_from(SEED_PRICES),
     i=TOKENS,

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.request_guard import HeadScanner, RequestHead, RequestRejected
 from trioproxy.settings import ServerLimits
 
@@ -308,7 +309,7 @@ def test_guard_and_h11_agree_on_valid_requests(sample: tuple[bytes, bytes]) -> N
 
 
 @given(st.binary(max_size=300), st.lists(st.integers(min_value=1, max_value=300), max_size=6))
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 def test_any_bytes_end_in_a_head_a_rejection_or_a_wait(data: bytes, cuts: list[int]) -> None:
     limits = ServerLimits(max_header_bytes=256, max_target_bytes=64, max_header_count=5)
     whole = outcome(data, limits=limits)

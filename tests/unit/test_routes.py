@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.routes import Route, RouteRejection, guess_dialect, match_route
 from trioproxy.snapshot import ProviderKind
 from trioproxy.usage import StreamFormat
@@ -496,7 +497,7 @@ def check_invariants(result: Route | RouteRejection) -> None:
     assert result.has_body == (result.method == "POST")
 
 
-@settings(max_examples=400)
+@settings(max_examples=examples(400))
 @given(method=METHODS, target=targets(), headers=HEADER_CHOICES)
 def test_property_no_route_escapes_the_allowlist(
     method: str, target: str, headers: list[tuple[bytes, bytes]]
@@ -504,7 +505,7 @@ def test_property_no_route_escapes_the_allowlist(
     check_invariants(match_route(method, target, headers))
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(method=st.sampled_from(["GET", "POST"]), target=valid_targets(), headers=HEADER_CHOICES)
 def test_property_valid_shapes(method: str, target: str, headers: list[tuple[bytes, bytes]]) -> None:
     result = match_route(method, target, headers)
@@ -516,7 +517,7 @@ def test_property_valid_shapes(method: str, target: str, headers: list[tuple[byt
             assert result.upstream_path == path
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(method=METHODS, target=st.text(max_size=40), headers=HEADER_CHOICES)
 def test_property_arbitrary_text_never_crashes(
     method: str, target: str, headers: list[tuple[bytes, bytes]]

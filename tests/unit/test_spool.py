@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.records import CostBreakdown, Outcome, RequestRecord, Usage
 from trioproxy.spool import RecordCodec, Spool, SpoolError
 
@@ -96,7 +97,7 @@ def sample_record(i: int = 0, **changes: object) -> RequestRecord:
 
 
 @given(record=records)
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 def test_codec_round_trip_is_exact(record: RequestRecord) -> None:
     codec = RecordCodec()
     line = codec.encode(record)
@@ -113,7 +114,7 @@ def test_codec_round_trip_is_exact(record: RequestRecord) -> None:
 
 
 @given(record=records, data=st.data())
-@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), suppress_health_check=[HealthCheck.too_slow])
 def test_every_torn_prefix_of_a_line_is_rejected(record: RequestRecord, data: st.DataObject) -> None:
     codec = RecordCodec()
     line = codec.encode(record)
@@ -237,7 +238,9 @@ def test_append_read_truncate(tmp_path: Path) -> None:
 
 
 @given(count=st.integers(1, 30), read_block=st.integers(1, 700), max_records=st.integers(1, 7))
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 def test_reads_in_any_block_size_and_batch_size_see_every_record_once(
     tmp_path: Path, count: int, read_block: int, max_records: int
 ) -> None:

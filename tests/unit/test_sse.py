@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.errors import UpstreamProtocolError
 from trioproxy.sse import MAX_EVENT_BYTES, SSEEvent, SSEFramer
 
@@ -229,7 +230,7 @@ def _split(stream: bytes, cuts: list[int]) -> list[bytes]:
     return [stream[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(stream=_STREAMS, cuts=st.lists(st.integers(min_value=0), max_size=12))
 def test_any_split_gives_the_same_events(stream: bytes, cuts: list[int]) -> None:
     whole = feed_all([stream])
@@ -238,14 +239,14 @@ def test_any_split_gives_the_same_events(stream: bytes, cuts: list[int]) -> None
     assert feed_all(_split(stream, cuts)) == whole
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(stream=_STREAMS, cuts=st.lists(st.integers(min_value=0), max_size=12))
 def test_raw_events_and_remainder_reproduce_the_input(stream: bytes, cuts: list[int]) -> None:
     events, rest = feed_all(_split(stream, cuts))
     assert b"".join(e.raw for e in events) + rest == stream
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(stream=_STREAMS, cuts=st.lists(st.integers(min_value=0), max_size=8), limit=st.integers(1, 40))
 def test_limit_decision_does_not_depend_on_splits(stream: bytes, cuts: list[int], limit: int) -> None:
     def outcome(chunks: list[bytes]) -> object:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.errors import ValidationError
 from trioproxy.snapshot import Origin
 from trioproxy.ssrf import BaseURL, is_address_allowed, parse_base_url
@@ -147,7 +148,7 @@ EMBEDDED = st.ip_addresses(v=4).flatmap(
 ANY_ADDRESS = st.one_of(st.ip_addresses(), EMBEDDED)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(ip=st.ip_addresses(v=4))
 def test_property_ipv4_mapped_and_nat64_forms_judged_like_ipv4(ip: ipaddress.IPv4Address) -> None:
     mapped = ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + ip.packed)
@@ -158,14 +159,14 @@ def test_property_ipv4_mapped_and_nat64_forms_judged_like_ipv4(ip: ipaddress.IPv
         assert is_address_allowed(str(nat64), allow_private=allow_private) == expected
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(ip=ANY_ADDRESS)
 def test_property_opting_in_only_widens(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     if is_address_allowed(str(ip), allow_private=False):
         assert is_address_allowed(str(ip), allow_private=True)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(ip=ANY_ADDRESS)
 def test_property_unroutable_never_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     e = effective(ip)
@@ -173,7 +174,7 @@ def test_property_unroutable_never_allowed(ip: ipaddress.IPv4Address | ipaddress
         assert not is_address_allowed(str(ip), allow_private=True)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(ip=ANY_ADDRESS)
 def test_property_default_allows_only_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     if is_address_allowed(str(ip), allow_private=False):
@@ -183,13 +184,13 @@ def test_property_default_allows_only_global(ip: ipaddress.IPv4Address | ipaddre
         assert not e.is_loopback
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.one_of(*(st.ip_addresses(network=str(n)) for n in NEVER_NETS)))
 def test_property_never_ranges(ip: ipaddress.IPv4Address) -> None:
     assert not is_address_allowed(str(ip), allow_private=True)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.one_of(*(st.ip_addresses(network=str(n)) for n in PRIVATE_NETS)))
 def test_property_private_ranges(ip: ipaddress.IPv4Address) -> None:
     if str(ip) == "100.100.100.200":
@@ -345,7 +346,7 @@ def test_errors_do_not_echo_credentials_or_query() -> None:
         assert "hunter2" not in info.value.message
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(ip=st.ip_addresses(v=4), allow_private=st.booleans())
 def test_property_ip_literal_hosts_follow_the_address_rule(
     ip: ipaddress.IPv4Address, allow_private: bool
@@ -360,7 +361,7 @@ def test_property_ip_literal_hosts_follow_the_address_rule(
             parse_base_url(url, allow_private=allow_private)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(ip=st.ip_addresses(v=6), allow_private=st.booleans())
 def test_property_ipv6_literal_hosts_follow_the_address_rule(
     ip: ipaddress.IPv6Address, allow_private: bool
@@ -373,7 +374,7 @@ def test_property_ipv6_literal_hosts_follow_the_address_rule(
             parse_base_url(url, allow_private=allow_private)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(url=st.text(max_size=60), allow_private=st.booleans())
 def test_property_arbitrary_text_parses_or_raises_validation_error(url: str, allow_private: bool) -> None:
     try:

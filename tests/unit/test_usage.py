@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.examples import examples
 from trioproxy.records import Usage
 from trioproxy.snapshot import ProviderKind
 from trioproxy.usage import StreamFormat, UsageMeter
@@ -523,7 +524,7 @@ def test_finish_is_idempotent_and_feed_after_finish_is_an_error() -> None:
         m.feed(b"data: [DONE]\n\n")
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(kind=st.sampled_from(list(ProviderKind)), fmt=st.sampled_from(list(StreamFormat)), data=st.binary())
 def test_random_bytes_never_raise(kind: ProviderKind, fmt: StreamFormat, data: bytes) -> None:
     meter(kind, fmt, data)
@@ -547,7 +548,7 @@ def _split(stream: bytes, cuts: list[int]) -> list[bytes]:
     return [stream[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     fixture=st.sampled_from(FIXTURES),
     cuts=st.lists(st.integers(min_value=0), max_size=30),
