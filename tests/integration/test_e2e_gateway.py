@@ -335,3 +335,24 @@ async def test_server_level_refusals_are_dialect_errors_and_rows(tmp_path: Path)
     assert row["status"] == 413
     assert row["outcome"] == "rejected"
     assert row["path"] == "/v1/messages"
+
+
+async def test_gemini_json_array_stream_is_relayed_and_metered(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack:
+        response = await _request(
+            stack,
+            "POST",
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            headers={"x-goog-api-key": stack.keys["gemini"], "content-type": "application/json"},
+            body=b'{"contents":[{"parts":[{"text":"hi"}]}]}',
+        )
+        [row] = await stack.rows(1)
+        upstream_target = stack.fake.captured[-1].target
+    assert response.status == 200
+    elements = json.loads(response.content)  # the whole JSON array, as Google sends it
+    assert isinstance(elements, list) and elements[-1]["usageMetadata"]["totalTokenCount"] > 0
+    assert "alt=" not in upstream_target
+    assert row["stream"] is True
+    assert row["usage_partial"] is False
+    assert row["output_tokens"] > 0
+    assert row["cost_total"] is not None
