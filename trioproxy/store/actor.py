@@ -13,15 +13,20 @@ Audit: :func:`audit` appends the one row of a write inside the write's own trans
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from trioproxy.errors import ForbiddenError, NotFoundError
 from trioproxy.roles import Permission
 from trioproxy.store.audit import record_audit
+from trioproxy.store.db import read_transaction
+from trioproxy.store.models import Provider
+from trioproxy.store.request_query import page_offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,40 @@ def scoped(stmt: _Stmt, actor: Actor, owner_column: Any) -> _Stmt:
     """``stmt`` limited to the objects ``actor`` may read."""
     owner = actor.owner_filter()
     return stmt if owner is None else stmt.where(owner_column == owner)
+
+
+def owned_page(
+    engine: Engine,
+    model: Any,
+    render: Callable[[Session, Any, str], dict[str, Any]],
+    *,
+    actor: Actor,
+    page: int,
+    page_size: int,
+    provider_id: int | None = None,
+    owner_id: int | None = None,
+    enabled: bool | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """One page (by id) of a per-provider, owned, switchable object (provider keys, gateway keys) that ``actor``
+    may see, each rendered by ``render(session, row, provider_name)``, and how many there are."""
+    conditions: list[sa.ColumnElement[bool]] = []
+    if provider_id is not None:
+        conditions.append(model.provider_id == provider_id)
+    if owner_id is not None:
+        conditions.append(model.owner_id == owner_id)
+    if enabled is not None:
+        conditions.append(model.enabled == enabled)
+    rows_stmt = scoped(sa.select(model, Provider.name).join(Provider), actor, model.owner_id)
+    count_stmt = scoped(sa.select(sa.func.count()).select_from(model), actor, model.owner_id)
+    with read_transaction(engine) as conn, Session(bind=conn) as session:
+        total = session.scalar(count_stmt.where(*conditions)) or 0
+        rows = session.execute(
+            rows_stmt.where(*conditions)
+            .order_by(model.id)
+            .limit(page_size)
+            .offset(page_offset(page, page_size))
+        ).all()
+        return [render(session, row, provider_name) for row, provider_name in rows], int(total)
 
 
 def audit(

@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 from trioproxy.errors import ConflictError, ForbiddenError, NotFoundError, ValidationError
 from trioproxy.gateway_keys import display_prefix, generate_gateway_key, hash_gateway_key
 from trioproxy.store import validation as check
-from trioproxy.store.actor import SYSTEM, Actor, audit, check_changeable, check_visible, scoped
-from trioproxy.store.db import config_session, read_transaction
+from trioproxy.store.actor import SYSTEM, Actor, audit, check_changeable, check_visible, owned_page
+from trioproxy.store.db import config_session
 from trioproxy.store.lookups import (
     Ref,
     check_owner,
@@ -36,7 +36,6 @@ from trioproxy.store.lookups import (
     reject_unknown,
 )
 from trioproxy.store.models import GatewayKey, GatewayKeyPool, Provider, ProviderKey, utcnow
-from trioproxy.store.request_query import page_offset
 from trioproxy.store.validation import gateway_key_to_json
 
 LIMIT_FIELDS = frozenset(
@@ -269,22 +268,17 @@ def list_gateway_keys_page(
     enabled: bool | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """One page of the gateway keys ``actor`` may see, by id, and how many there are."""
-    offset = page_offset(page, page_size)
-    conditions: list[sa.ColumnElement[bool]] = []
-    if provider_id is not None:
-        conditions.append(GatewayKey.provider_id == provider_id)
-    if owner_id is not None:
-        conditions.append(GatewayKey.owner_id == owner_id)
-    if enabled is not None:
-        conditions.append(GatewayKey.enabled == enabled)
-    rows_stmt = scoped(sa.select(GatewayKey, Provider.name).join(Provider), actor, GatewayKey.owner_id)
-    count_stmt = scoped(sa.select(sa.func.count()).select_from(GatewayKey), actor, GatewayKey.owner_id)
-    with read_transaction(engine) as conn, Session(bind=conn) as session:
-        total = session.scalar(count_stmt.where(*conditions)) or 0
-        rows = session.execute(
-            rows_stmt.where(*conditions).order_by(GatewayKey.id).limit(page_size).offset(offset)
-        ).all()
-        return [_view(session, key, provider_name) for key, provider_name in rows], int(total)
+    return owned_page(
+        engine,
+        GatewayKey,
+        _view,
+        actor=actor,
+        page=page,
+        page_size=page_size,
+        provider_id=provider_id,
+        owner_id=owner_id,
+        enabled=enabled,
+    )
 
 
 def update_gateway_key(

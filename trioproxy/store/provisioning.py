@@ -34,7 +34,7 @@ from trioproxy.errors import ConflictError, ValidationError
 from trioproxy.snapshot import ProviderKind
 from trioproxy.ssrf import parse_base_url
 from trioproxy.store import validation as check
-from trioproxy.store.actor import SYSTEM, Actor, audit, check_changeable, check_visible, scoped
+from trioproxy.store.actor import SYSTEM, Actor, audit, check_changeable, check_visible, owned_page
 from trioproxy.store.db import config_session, read_transaction, write_session
 from trioproxy.store.gateway_key_store import (
     create_gateway_key,
@@ -318,22 +318,17 @@ def list_provider_keys_page(
     enabled: bool | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """One page of the provider keys ``actor`` may see, by id, and how many there are."""
-    offset = page_offset(page, page_size)
-    conditions: list[sa.ColumnElement[bool]] = []
-    if provider_id is not None:
-        conditions.append(ProviderKey.provider_id == provider_id)
-    if owner_id is not None:
-        conditions.append(ProviderKey.owner_id == owner_id)
-    if enabled is not None:
-        conditions.append(ProviderKey.enabled == enabled)
-    rows_stmt = scoped(sa.select(ProviderKey, Provider.name).join(Provider), actor, ProviderKey.owner_id)
-    count_stmt = scoped(sa.select(sa.func.count()).select_from(ProviderKey), actor, ProviderKey.owner_id)
-    with read_transaction(engine) as conn, Session(bind=conn) as session:
-        total = session.scalar(count_stmt.where(*conditions)) or 0
-        rows = session.execute(
-            rows_stmt.where(*conditions).order_by(ProviderKey.id).limit(page_size).offset(offset)
-        )
-        return [provider_key_to_json(key, provider_name) for key, provider_name in rows], int(total)
+    return owned_page(
+        engine,
+        ProviderKey,
+        lambda _session, key, provider_name: provider_key_to_json(key, provider_name),
+        actor=actor,
+        page=page,
+        page_size=page_size,
+        provider_id=provider_id,
+        owner_id=owner_id,
+        enabled=enabled,
+    )
 
 
 def update_provider_key(
