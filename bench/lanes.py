@@ -287,6 +287,10 @@ def trioproxy_env(data_dir: Path, port: int) -> dict[str, str]:
             "TRIOPROXY_DATA_DIR": str(data_dir),
             "TRIOPROXY_PROXY_HOST": "127.0.0.1",
             "TRIOPROXY_PROXY_PORT": str(port),
+            # Each lane runs its own control plane: on a free port, with a fixed bootstrap password (the
+            # bench never logs in; a generated one would only be printed).
+            "TRIOPROXY_ADMIN_PORT": "0",
+            "TRIOPROXY_ADMIN_PASSWORD": "bench-only-admin-password-0",
             "TRIOPROXY_ALLOW_PRIVATE_UPSTREAMS": "true",
             "TRIOPROXY_LOG_LEVEL": "WARNING",
             "TRIOPROXY_DRAIN_TIMEOUT": "5",
