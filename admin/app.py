@@ -45,6 +45,11 @@ ROUTE_MODULES = (
     "admin.routes.provider_keys",
     "admin.routes.keys",
     "admin.routes.prices",
+    "admin.routes.requests",
+    "admin.routes.statistics",
+    "admin.routes.audit",
+    "admin.routes.operations",
+    "admin.metrics",
 )
 MAX_BODY_BYTES = 1024 * 1024
 _ORIGIN = re.compile(r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
@@ -81,6 +86,8 @@ class _OpenAPI(OpenAPIProvider):
     def build_response_object(self, model: Any, headers_model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if model is NoContent:
             return {"description": "No Content"}, {}
+        if (ready := getattr(model, "openapi_response", None)) is not None:
+            return dict(ready), {}  # a non-JSON answer documents itself (admin.metrics.PrometheusText)
         return super().build_response_object(model, headers_model)
 
 

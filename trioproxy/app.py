@@ -44,6 +44,7 @@ from trioproxy.errors import ConfigError
 from trioproxy.forward import Forwarder
 from trioproxy.limits import Admission, FailurePolicy, LimitsSettings, database_spend, open_admission
 from trioproxy.metering import MeteringWriter
+from trioproxy.metrics import Metrics
 from trioproxy.pool import ConnectionPool
 from trioproxy.reloader import ConfigReloader, SnapshotHolder
 from trioproxy.server import ProxyServer
@@ -83,6 +84,7 @@ class RunningGateway:
     balancer: Balancer
     admission: Admission
     admin_port: int | None = None  # None: no control plane in this process
+    metrics: Metrics = field(default_factory=Metrics)  # what the requests did, for /metrics
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def request_stop(self) -> None:
@@ -147,7 +149,8 @@ async def run_gateway(
             open_admission(limits, functools.partial(database_spend, engine)) as admission,
             trio.open_nursery() as services,
         ):
-            forwarder = Forwarder(settings, snapshots, pool, metering, balancer, admission)
+            metrics = Metrics()
+            forwarder = Forwarder(settings, snapshots, pool, metering, balancer, admission, metrics=metrics)
             server = ProxyServer(settings.limits, forwarder, forwarder.reject)
             await services.start(metering.run)
             await services.start(pool.run)
@@ -184,6 +187,7 @@ async def run_gateway(
                     engine=engine,
                     balancer=balancer,
                     admission=admission,
+                    metrics=metrics,
                 )
                 logger.info("proxy listening on %s:%s", settings.proxy_host, port)
                 if control_plane is not None:

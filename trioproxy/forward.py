@@ -37,6 +37,7 @@ from trioproxy.headers import build_upstream_headers, client_address, extract_ga
 from trioproxy.limits import Admission, AdmissionRequest, Refused, Reservation, Scope, usage_tokens
 from trioproxy.limits.estimate import estimate_cost, estimate_tokens
 from trioproxy.metering import MeteringWriter
+from trioproxy.metrics import Metrics
 from trioproxy.openai_stream import prepare_stream_usage
 from trioproxy.pool import ConnectionPool, UpstreamRequest
 from trioproxy.records import Outcome, RequestRecord, Usage
@@ -104,8 +105,10 @@ class Forwarder:
         admission: Admission,
         *,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._snapshots = snapshots
         self._metering = metering
         self._balancer = balancer
@@ -184,6 +187,8 @@ class Forwarder:
                 self._admission.settle(exchange.reservation, usage_tokens(record.usage), cost)
             else:
                 self._admission.release(exchange.reservation)
+        if self._metrics is not None:
+            self._metrics.observe(record)
         self._metering.submit(record)
 
     # -- the Rejector -----------------------------------------------------------------------------------------
@@ -197,20 +202,21 @@ class Forwarder:
         headers = list(head.headers) if head is not None else []
         kind = guess_dialect(path, headers)
         request_id = str(uuid.uuid4())
-        self._metering.submit(
-            RequestRecord(
-                request_id=request_id,
-                started_at=time.time(),
-                route="unknown",
-                method=head.method if head is not None else "",
-                path=path[:2048],
-                client_ip=client_address(peer_ip, headers, self._trusted_proxies),
-                status=status,
-                outcome=Outcome.REJECTED,
-                error=message,
-                duration_ms=0.0,
-            )
+        record = RequestRecord(
+            request_id=request_id,
+            started_at=time.time(),
+            route="unknown",
+            method=head.method if head is not None else "",
+            path=path[:2048],
+            client_ip=client_address(peer_ip, headers, self._trusted_proxies),
+            status=status,
+            outcome=Outcome.REJECTED,
+            error=message,
+            duration_ms=0.0,
         )
+        if self._metrics is not None:
+            self._metrics.observe(record)
+        self._metering.submit(record)
         return [JSON_HEADERS, (b"x-request-id", request_id.encode())], error_body(kind, status, message)
 
     # -- the steps --------------------------------------------------------------------------------------------

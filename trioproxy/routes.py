@@ -156,10 +156,11 @@ _GEMINI_ACTIONS: dict[str, tuple[str, bool]] = {
     "embedContent": ("gemini.embed_content", True),
     "batchEmbedContents": ("gemini.batch_embed_contents", True),
 }
+_GEMINI_VERSIONS = ("v1beta", "v1")
 # Model ids are lower-case words, digits, dots and dashes ("gemini-2.5-flash", "text-embedding-004"); 128 is
 # far above any real id and keeps the upstream target short.
 _GEMINI_PATH = re.compile(
-    r"/(?P<version>v1beta|v1)/models/(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,127}):(?P<action>\w+)"
+    rf"/(?P<version>{'|'.join(_GEMINI_VERSIONS)})/models/(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}):(?P<action>\w+)"
 )
 _PERCENT = re.compile(r"%(?P<hex>[0-9A-Fa-f]{2})?")
 _METHOD = re.compile(r"[A-Z]{1,16}")
@@ -318,3 +319,41 @@ def guess_dialect(path: str, headers: Sequence[tuple[bytes, bytes]]) -> Provider
     if b"anthropic-version" in names or b"x-api-key" in names:
         return _A
     return _O
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """One served route, for documentation (the admin API's ``/api/adapters``)."""
+
+    name: str
+    kind: ProviderKind
+    method: str
+    path: str  # "{model}" stands for a Gemini model id
+    billable: bool
+    streaming: str  # "body": the body's "stream" field decides; "always"; "never"
+    selector: str | None = None  # what picks this route among several on the same path
+
+
+def route_catalogue() -> list[RouteInfo]:
+    """Every route :func:`match_route` serves, read from the same tables it matches against."""
+
+    def streaming(spec: _Spec) -> str:
+        return "body" if spec.stream_format is None else "never"
+
+    out = []
+    for path, methods in _EXACT.items():
+        for method, spec in methods.items():
+            selector = "the default (no Anthropic or Gemini marker)" if path == "/v1/models" else None
+            out.append(
+                RouteInfo(spec.name, spec.kind, method, path, spec.billable, streaming(spec), selector)
+            )
+    for spec, selector in (
+        (_ANTHROPIC_MODELS, "anthropic-version header"),
+        (_GEMINI_V1_MODELS, "x-goog-api-key or x-goog-api-client header, or ?key="),
+    ):
+        out.append(RouteInfo(spec.name, spec.kind, "GET", "/v1/models", spec.billable, "never", selector))
+    for version in _GEMINI_VERSIONS:
+        for action, (name, billable) in _GEMINI_ACTIONS.items():
+            mode = "always" if action == "streamGenerateContent" else "never"
+            out.append(RouteInfo(name, _G, "POST", f"/{version}/models/{{model}}:{action}", billable, mode))
+    return out

@@ -660,3 +660,8 @@ def test_statistics_agree_with_a_python_reference(engine: sa.Engine, scenario: A
         )
     requests = [p["requests"] for p in providers]
     assert requests == sorted(requests, reverse=True)
+
+
+def test_a_directory_of_zones_is_not_a_zone() -> None:
+    with pytest.raises(ValidationError):
+        stats.zone_for("America")

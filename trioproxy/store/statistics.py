@@ -253,7 +253,7 @@ def zone_for(tz: str) -> ZoneInfo:
     """The IANA zone called ``tz``; raises :class:`ValidationError` for an unknown or malformed name."""
     try:
         return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a directory of zones ("America")
         raise ValidationError(f"unknown time zone {tz!r}") from exc
 
 

@@ -1,0 +1,51 @@
+"""``GET /metrics``: Prometheus metrics of the data plane running in this process, on the admin port.
+
+The figures come from :class:`trioproxy.metrics.Metrics` (``RunningGateway.metrics``, fed once per request by
+the forwarder) and from the gateway's current state, read at scrape time (:class:`trioproxy.metrics.StateCollector`).
+With ``serve --workers N`` the admin API runs in worker 0 and shows that worker's data plane.
+
+Access: public, as scrapers expect (Prometheus cannot hold a 15-minute JWT), like ``/api/health``. That is safe
+because the exposition holds aggregates only: labels are routes, statuses, outcomes, provider kinds, token kinds
+and key states; no key, user, model, address or secret ever appears (see :mod:`trioproxy.metrics`). Keep the
+admin port off the public network, as it is by default (127.0.0.1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from quart import Blueprint, Response
+from quart_schema import document_response, tag
+
+from admin.rbac import Access, requires
+from admin.schemas import Output
+from admin.state import get_state
+from trioproxy.metrics import Metrics
+
+bp = Blueprint("metrics", __name__)
+
+
+class PrometheusText(Output):
+    """Prometheus text exposition format (documented as text/plain, see ``admin.app._OpenAPI``)."""
+
+    openapi_response: ClassVar[dict[str, Any]] = {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+
+
+@bp.get("/metrics")
+@requires(Access.PUBLIC)
+@tag(["operations"])
+@document_response(PrometheusText)
+async def metrics() -> Response:
+    """Prometheus metrics of the proxy (text exposition format; no authentication).
+
+    Requests by route, status and outcome; latency and time-to-first-byte histograms; tokens by kind; cost;
+    upstream errors; connection pool sizes; requests in flight; provider key states and balancer state
+    transitions; the metering queue and spool. Aggregates only."""
+    gateway = get_state().gateway
+    # Without a proxy in this process there is nothing to count but the version (a fresh, empty registry).
+    body = gateway.metrics.render(gateway) if gateway is not None else Metrics().render()
+    return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
