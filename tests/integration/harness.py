@@ -18,7 +18,7 @@ from typing import Any
 import trio
 from sqlalchemy import Engine
 
-from trioproxy.app import RunningGateway, open_store, run_gateway
+from trioproxy.app import ControlPlane, RunningGateway, open_store, run_gateway
 from trioproxy.crypto import SecretBox
 from trioproxy.settings import MeteringSettings, Settings
 from trioproxy.store.db import run_migrations
@@ -87,6 +87,7 @@ async def running_stack(
     fake: FakeUpstream | None = None,
     upstream_ssl: ssl.SSLContext | None = None,
     client_ssl: ssl.SSLContext | None = None,
+    control_plane: ControlPlane | None = None,
     **settings_overrides: Any,
 ) -> AsyncIterator[Stack]:
     fake = fake or FakeUpstream(accepted_keys=(UPSTREAM_SECRET,))
@@ -129,7 +130,9 @@ async def running_stack(
                 keys[kind] = created["key"]
             async with trio.open_nursery() as gateway_nursery:
                 gateway: RunningGateway = await gateway_nursery.start(
-                    lambda task_status: run_gateway(settings, ssl_context=client_ssl, task_status=task_status)
+                    lambda task_status: run_gateway(
+                        settings, ssl_context=client_ssl, control_plane=control_plane, task_status=task_status
+                    )
                 )
                 stack = Stack(settings, gateway, fake, fake_port, engine, box, keys)
                 try:
