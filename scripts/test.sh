@@ -5,7 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-"$root/scripts/bootstrap.sh"
+"$root/scripts/bootstrap.sh" dev
 "$root/scripts/services.sh"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
