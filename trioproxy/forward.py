@@ -32,6 +32,7 @@ import trio
 from trioproxy.balancer import Balancer
 from trioproxy.dialects import error_body
 from trioproxy.errors import ClientGoneError, TrioProxyError
+from trioproxy.exchange import ClientRequest, ResponseSink
 from trioproxy.gateway_keys import has_valid_checksum, hash_gateway_key
 from trioproxy.headers import build_upstream_headers, client_address, extract_gateway_key
 from trioproxy.limits import Admission, AdmissionRequest, Refused, Reservation, Scope, usage_tokens
@@ -45,7 +46,6 @@ from trioproxy.relay import AttemptContext, Relay, send_error
 from trioproxy.reloader import SnapshotHolder
 from trioproxy.request_guard import RequestHead
 from trioproxy.routes import Route, RouteRejection, guess_dialect, match_route
-from trioproxy.server import ClientRequest, ResponseSink
 from trioproxy.settings import Settings
 from trioproxy.snapshot import GatewayKeyView, ProviderKeyView, ProviderKind, ProviderView, Snapshot
 from trioproxy.usage import StreamFormat

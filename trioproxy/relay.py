@@ -33,12 +33,12 @@ from trioproxy.errors import (
     UpstreamConnectError,
     UpstreamTimeoutError,
 )
+from trioproxy.exchange import ResponseSink
 from trioproxy.first_event import FirstEventProbe
 from trioproxy.headers import filter_response_headers, redact
 from trioproxy.openai_stream import UsageChunkStripper
 from trioproxy.pool import ConnectionPool, ExchangeTimeouts, UpstreamRequest, UpstreamResponse
 from trioproxy.records import Outcome, RequestRecord
-from trioproxy.server import ResponseSink
 from trioproxy.snapshot import GatewayKeyView, ProviderKeyView, ProviderKind, ProviderView, Snapshot
 from trioproxy.usage import StreamFormat, UsageMeter
 

@@ -16,8 +16,9 @@ import trio
 import trio.testing
 
 from trioproxy.errors import ClientGoneError
+from trioproxy.exchange import ClientRequest, ResponseSink
 from trioproxy.request_guard import RequestHead
-from trioproxy.server import ClientRequest, ProxyServer, ResponseSink
+from trioproxy.server import ProxyServer
 from trioproxy.settings import ServerLimits
 
 LIMITS = ServerLimits(max_body_bytes=1000)

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
+from trioproxy.errors import ConfigError
 from trioproxy.records import RequestRecord
 from trioproxy.store.db import write_transaction
 from trioproxy.store.models import RequestRow
@@ -96,7 +97,7 @@ class _BatchInsert:
         elif dialect.name == "sqlite":
             stmt = sqlite.insert(_REQUESTS).on_conflict_do_nothing(index_elements=["request_id"])
         else:
-            raise NotImplementedError(f"no idempotent insert for dialect {dialect.name}")
+            raise ConfigError(f"unsupported database dialect {dialect.name!r}: use SQLite or PostgreSQL")
         columns = list(_REQUESTS.columns)
         compiled = stmt.values({c.name: sa.bindparam(c.name, type_=c.type) for c in columns}).compile(
             dialect=dialect
