@@ -93,6 +93,9 @@ class Settings:
     # Browser origins allowed to call the admin API (comma-separated, e.g. "https://admin.example.com"); empty:
     # CORS off. Never "*": the admin API takes bearer tokens.
     admin_cors_origins: str = ""
+    # When set, GET /metrics on the admin port wants "Authorization: Bearer <token>" (for Prometheus'
+    # bearer_token); unset, it is public like /api/health (aggregates only, admin port on 127.0.0.1).
+    metrics_token: str | None = None
     allow_private_upstreams: bool = False
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For we believe
     drain_timeout: float = 30.0

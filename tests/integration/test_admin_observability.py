@@ -736,6 +736,18 @@ async def test_adapters_route(tmp_path: Path) -> None:
         assert metrics.headers["content-type"].startswith("text/plain")
 
 
+async def test_metrics_want_the_token_when_one_is_configured(tmp_path: Path) -> None:
+    async with admin_app(tmp_path, metrics_token="scrape-secret-123") as client:
+        missing = await client.call("GET", "/metrics")
+        wrong = await client.call("GET", "/metrics", headers={"Authorization": "Bearer nope"})
+        admin_jwt = await client.call("GET", "/metrics", token=await client.token())
+        right = await client.call("GET", "/metrics", headers={"Authorization": "Bearer scrape-secret-123"})
+    assert missing.status == wrong.status == admin_jwt.status == 401
+    assert missing.json["error"]["code"] == "unauthorized"
+    assert right.status == 200 and b"trioproxy_build_info" in right.body
+    assert b"scrape-secret-123" not in right.body
+
+
 @pytest.mark.parametrize(
     ("url", "hidden"),
     [
