@@ -166,7 +166,11 @@ class Forwarder:
             complete = usage.complete
             answered = 0 < record.status < 400
             record.usage_partial = answered and not usage.complete
-            if record.usage_partial and exchange.body_json is not None:
+            if (
+                record.usage_partial
+                and exchange.body_json is not None
+                and record.outcome is not Outcome.UPSTREAM_ERROR
+            ):
                 usage = _estimate_broken_off(reported, attempts.meter.generated_chars, exchange.body_json)
                 record.usage_estimated = usage is not reported
             record.usage = usage

@@ -191,6 +191,9 @@ class Relay:
                         following = next_key()
                         if following is not None:
                             return following
+                        # No other key: the client gets the provider's in-band error, recorded as such.
+                        record.outcome = Outcome.UPSTREAM_ERROR
+                        record.error = "the provider's stream began with an error event"
                     else:
                         report(AttemptResult.ok(trio.current_time() - attempt_start), status, None)
                 else:

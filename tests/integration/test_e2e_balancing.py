@@ -201,3 +201,20 @@ async def test_when_every_key_is_down_the_pool_panics_instead_of_refusing(tmp_pa
     assert served.status == 200
     assert dict(served.headers)[b"x-trioproxy-panic"] == b"1"
     assert rows[0]["panic"] is True
+
+
+async def test_an_error_first_event_with_no_other_key_reaches_the_client_and_is_recorded(tmp_path: Path) -> None:
+    fake = _fake(events=4)
+    fake.add_fault(Fault(inband_error=True), api_key=SECRETS["a"])
+    async with running_stack(tmp_path, fake=fake) as stack:
+        key = await _pool_key(stack, strategy="round_robin", weights={"a": 1}, retry_count=2)
+        async with httpcore.AsyncConnectionPool() as pool:
+            response = await _chat(pool, stack, key, CHAT | {"stream": True})
+        [row] = await stack.rows(1)
+    assert response.status == 200
+    assert b'"error"' in response.content
+    assert row["attempts"] == 1
+    assert row["outcome"] == "upstream_error"
+    # An error in place of an answer is not a broken-off answer: nothing is estimated, nothing is charged.
+    assert row["usage_estimated"] is False
+    assert row["input_tokens"] == row["output_tokens"] == 0
