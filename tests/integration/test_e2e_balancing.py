@@ -203,7 +203,9 @@ async def test_when_every_key_is_down_the_pool_panics_instead_of_refusing(tmp_pa
     assert rows[0]["panic"] is True
 
 
-async def test_an_error_first_event_with_no_other_key_reaches_the_client_and_is_recorded(tmp_path: Path) -> None:
+async def test_an_error_first_event_with_no_other_key_reaches_the_client_and_is_recorded(
+    tmp_path: Path,
+) -> None:
     fake = _fake(events=4)
     fake.add_fault(Fault(inband_error=True), api_key=SECRETS["a"])
     async with running_stack(tmp_path, fake=fake) as stack:
