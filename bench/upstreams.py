@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.lanes import Process, free_port, pinned, start_process
-from trioproxy.testing.fake_payloads import Call, FakeUsage, answer_pieces, openai_chat
+from trioproxy.testing.fake_openai import openai_chat
+from trioproxy.testing.fake_payloads import Call, FakeUsage, answer_pieces
 
 UPSTREAM_KEY = "sk-upstream-bench"
 STREAM_EVENTS = 64

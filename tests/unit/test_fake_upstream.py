@@ -23,7 +23,15 @@ from google.genai import types as genai_types
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trioproxy.testing import CapturedRequest, FakeUpstream, FakeUsage, Fault
+from trioproxy.testing import (
+    CapturedRequest,
+    FakeUpstream,
+    FakeUsage,
+    Fault,
+    fake_anthropic,
+    fake_gemini,
+    fake_openai,
+)
 from trioproxy.testing import fake_payloads as fp
 
 KEY = "sk-upstream-test"
@@ -213,7 +221,7 @@ def test_openai_chat_stream_deltas_and_usage(usage: FakeUsage, events: int, incl
     body: dict[str, Any] = {"stream": True}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
-    reply = fp.openai_chat(call, body, "gpt-4o-mini")
+    reply = fake_openai.openai_chat(call, body, "gpt-4o-mini")
     assert reply.frames is not None
     assert reply.frames[-1] == b"data: [DONE]\n\n"
     chunks = [json.loads(data) for _, data in sse_events(b"".join(reply.frames[:-1]))]
@@ -239,7 +247,7 @@ def test_openai_chat_stream_deltas_and_usage(usage: FakeUsage, events: int, incl
 
 @given(usages, st.integers(1, 20))
 def test_responses_stream_is_sequenced_and_ends_completed(usage: FakeUsage, events: int) -> None:
-    reply = fp.openai_responses(make_call(usage, events), {"stream": True}, "gpt-5")
+    reply = fake_openai.openai_responses(make_call(usage, events), {"stream": True}, "gpt-5")
     assert reply.frames is not None
     parsed = sse_events(b"".join(reply.frames))
     assert all(name == json.loads(data)["type"] for name, data in parsed)
@@ -266,7 +274,7 @@ def test_responses_stream_is_sequenced_and_ends_completed(usage: FakeUsage, even
 
 @given(usages, st.integers(1, 20))
 def test_anthropic_stream_usage_is_cumulative(usage: FakeUsage, events: int) -> None:
-    reply = fp.anthropic_messages(make_call(usage, events), {"stream": True}, "claude-haiku-4-5")
+    reply = fake_anthropic.anthropic_messages(make_call(usage, events), {"stream": True}, "claude-haiku-4-5")
     assert reply.frames is not None
     parsed = [(name, json.loads(data)) for name, data in sse_events(b"".join(reply.frames))]
     names = [name for name, _ in parsed]
@@ -292,7 +300,7 @@ def test_anthropic_stream_usage_is_cumulative(usage: FakeUsage, events: int) -> 
 
 @given(usages, st.integers(1, 20))
 def test_gemini_usage_metadata(usage: FakeUsage, events: int) -> None:
-    reply = fp.gemini_generate(make_call(usage, events), "gemini-2.5-flash", stream=True, sse=True)
+    reply = fake_gemini.gemini_generate(make_call(usage, events), "gemini-2.5-flash", stream=True, sse=True)
     assert reply.frames is not None
     assert all(frame.endswith(b"}\r\n\r\n") and frame.startswith(b"data: {") for frame in reply.frames)
     chunks = [json.loads(data) for _, data in sse_events(b"".join(reply.frames))]
@@ -309,7 +317,7 @@ def test_gemini_usage_metadata(usage: FakeUsage, events: int) -> None:
 
 
 def test_gemini_json_array_stream_framing() -> None:
-    reply = fp.gemini_generate(make_call(FakeUsage(), 3), "gemini-2.5-flash", stream=True, sse=False)
+    reply = fake_gemini.gemini_generate(make_call(FakeUsage(), 3), "gemini-2.5-flash", stream=True, sse=False)
     assert reply.frames is not None
     assert reply.frames[0].startswith(b"[{")
     assert reply.frames[1].startswith(b"\n,\r\n{")
@@ -321,9 +329,11 @@ def test_gemini_json_array_stream_framing() -> None:
 @given(st.lists(st.text(max_size=20), min_size=1, max_size=5), st.integers(1, 64))
 def test_embedding_base64_matches_floats(inputs: list[str], dimensions: int) -> None:
     call = make_call(FakeUsage())
-    floats = json.loads(fp.openai_embeddings(call, {"input": inputs, "dimensions": dimensions}, "m").body)
+    floats = json.loads(
+        fake_openai.openai_embeddings(call, {"input": inputs, "dimensions": dimensions}, "m").body
+    )
     b64 = json.loads(
-        fp.openai_embeddings(
+        fake_openai.openai_embeddings(
             call, {"input": inputs, "dimensions": dimensions, "encoding_format": "base64"}, "m"
         ).body
     )

@@ -23,8 +23,8 @@ in the fake itself propagate and fail the test that runs it.
 
 Run it alone for benchmarks: ``python -m trioproxy.testing.fake_upstream --port 18000 --events 5``.
 
-Length: over the house ~600 lines because the fake's server, fault engine, router and CLI are one test double;
-the wire formats themselves live in :mod:`trioproxy.testing.fake_payloads`.
+The router (dialect, key, route, reply) is :mod:`trioproxy.testing.fake_router`; the wire formats live in
+:mod:`trioproxy.testing.fake_payloads` and the per-provider modules beside it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import email.utils
-import json
 import socket
 import ssl
 import struct
@@ -40,13 +39,11 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import h11
 import trio
 
-from trioproxy.testing import fake_payloads as payloads
 from trioproxy.testing.fake_payloads import (
     Call,
     Dialect,
@@ -60,6 +57,14 @@ from trioproxy.testing.fake_payloads import (
     static_headers,
     unauthorized_reply,
 )
+from trioproxy.testing.fake_router import (
+    CapturedRequest,
+    build_reply,
+    dialect_of,
+    header_map,
+    presented_key,
+    route_of,
+)
 
 __all__ = ["CapturedRequest", "FakeUpstream", "FakeUsage", "Fault", "main"]
 
@@ -68,29 +73,6 @@ MAX_HEAD_SIZE = 64 * 1024  # h11's default is 16 KiB; providers accept far large
 MAX_BODY_SIZE = 32 * 1024 * 1024  # OpenAI's documented request cap is 32 MB (Anthropic's too, for Messages)
 DEFAULT_IDLE_TIMEOUT = 120.0  # keep-alive idle limit; also bounds a stall, so every wait has a deadline
 CLOSE_GRACE = 1.0  # shielded seconds to close a socket (TLS close_notify) once we are cancelled
-
-
-@dataclass
-class CapturedRequest:
-    """One request as received: header names lower-cased and in order, the whole body, and the trio time
-    (``trio.current_time()``, so MockClock tests see virtual time) at which its head arrived."""
-
-    method: str
-    target: str
-    path: str
-    query: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    received_at: float
-    http_version: str = "1.1"
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (any case), or None."""
-        wanted = name.lower()
-        return next((value for key, value in self.headers if key == wanted), None)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 @dataclass
@@ -132,12 +114,6 @@ class _ArmedFault:
     path_contains: str | None
     remaining: int  # < 0: applies forever
     api_key: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Route:
-    kind: str  # "openai.chat", "gemini.generate", ...
-    model: str | None = None  # Gemini names the model in the path
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,7 +331,7 @@ class FakeUpstream:
                 return
             except _RequestTooLarge as exc:
                 path = exc.head.target.decode("latin-1").partition("?")[0]
-                dialect = _dialect_of(path, _header_map(exc.head.headers), {})
+                dialect = dialect_of(path, header_map(exc.head.headers), {})
                 reply = error_reply(dialect, 413, "Request exceeds the maximum allowed size.")
                 await self._respond(link, conn, dialect, reply, None, self._next_seq(), keep_alive=False)
                 return
@@ -431,8 +407,8 @@ class FakeUpstream:
             headers.setdefault(name, value)
         params = parse_qs(request.query, keep_blank_values=True)
         path = unquote(request.path)
-        dialect = _dialect_of(path, headers, params)
-        key = _presented_key(dialect, headers, params)
+        dialect = dialect_of(path, headers, params)
+        key = presented_key(dialect, headers, params)
         if key is None or key not in self.accepted_keys:
             return dialect, unauthorized_reply(dialect, key_present=key is not None, seq=seq), None, seq
         if dialect is Dialect.ANTHROPIC and "anthropic-version" not in headers:
@@ -442,14 +418,14 @@ class FakeUpstream:
                 None,
                 seq,
             )
-        route = _route_of(dialect, request.method, path)
+        route = route_of(dialect, request.method, path)
         if route is None:
             return dialect, not_found_reply(dialect, request.method, request.path, seq=seq), None, seq
         fault = self._take_fault(request.path, key)
         if fault is not None and fault.status is not None:
             return dialect, error_reply(dialect, fault.status, seq=seq), fault, seq
         call = Call(seq=seq, now=int(time.time()), pieces=self.pieces, usage=self.usage)
-        return dialect, _build(dialect, route, request, params, call), fault, seq
+        return dialect, build_reply(dialect, route, request, params, call), fault, seq
 
     async def _respond(
         self,
@@ -550,153 +526,6 @@ class FakeUpstream:
         if streamed:
             await link.stream.send_all(b"0\r\n\r\n")
         return pacing.keep_alive
-
-
-# ----------------------------------------------------------------------------------------------- routing
-
-_GEMINI_ACTIONS = {
-    "generateContent": "gemini.generate",
-    "streamGenerateContent": "gemini.stream",
-    "countTokens": "gemini.count_tokens",
-    "embedContent": "gemini.embed",
-    "batchEmbedContents": "gemini.batch_embed",
-}
-_ANTHROPIC_POSTS = {
-    "/v1/messages": "anthropic.messages",
-    "/v1/messages/count_tokens": "anthropic.count_tokens",
-}
-_OPENAI_POSTS = {
-    "/v1/chat/completions": "openai.chat",
-    "/v1/completions": "openai.completions",
-    "/v1/embeddings": "openai.embeddings",
-    "/v1/responses": "openai.responses",
-}
-
-
-def _header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in raw:
-        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
-    return headers
-
-
-def _gemini_rest(path: str) -> str | None:
-    """The part after the API version for a Gemini path (``models/x:generateContent``), else None."""
-    for prefix in ("/v1beta/", "/v1/"):
-        if path.startswith(prefix):
-            return path[len(prefix) :]
-    return None
-
-
-def _dialect_of(path: str, headers: dict[str, str], params: dict[str, list[str]]) -> Dialect:
-    if path.startswith("/v1beta/"):
-        return Dialect.GEMINI
-    if path.startswith("/v1/models/") and ":" in path.rpartition("/")[2]:
-        return Dialect.GEMINI
-    if path.startswith("/v1/messages"):
-        return Dialect.ANTHROPIC
-    if "x-goog-api-key" in headers or "key" in params:
-        return Dialect.GEMINI
-    if "x-api-key" in headers or "anthropic-version" in headers:
-        return Dialect.ANTHROPIC
-    return Dialect.OPENAI
-
-
-def _presented_key(dialect: Dialect, headers: dict[str, str], params: dict[str, list[str]]) -> str | None:
-    bearer = None
-    authorization = headers.get("authorization")
-    if authorization is not None:
-        scheme, _, token = authorization.partition(" ")
-        bearer = token.strip() if scheme.lower() == "bearer" else ""
-    if dialect is Dialect.OPENAI:
-        return bearer
-    if dialect is Dialect.ANTHROPIC:
-        # x-api-key is the documented header; the anthropic SDK (2.x) sends its api_key as a Bearer token,
-        # which the API accepts too.
-        return headers.get("x-api-key", bearer)
-    key = headers.get("x-goog-api-key")
-    if key is None and params.get("key"):
-        key = params["key"][0]
-    return key
-
-
-def _route_of(dialect: Dialect, method: str, path: str) -> _Route | None:
-    if dialect is Dialect.GEMINI:
-        rest = _gemini_rest(path)
-        if rest is None:
-            return None
-        if rest == "models":
-            return _Route("gemini.models") if method == "GET" else None
-        if not rest.startswith("models/") or len(rest) == len("models/"):
-            return None
-        name, colon, action = rest[len("models/") :].partition(":")
-        if not colon:
-            return _Route("gemini.models", name) if method == "GET" and "/" not in name else None
-        kind = _GEMINI_ACTIONS.get(action)
-        return _Route(kind, name) if kind is not None and method == "POST" and name else None
-    if path == "/v1/models" or path.startswith("/v1/models/"):
-        model = path[len("/v1/models/") :] or None
-        if method != "GET" or (model is not None and "/" in model):
-            return None
-        return _Route(f"{dialect.value}.models", model)
-    if method != "POST":
-        return None
-    if dialect is Dialect.ANTHROPIC:
-        kind = _ANTHROPIC_POSTS.get(path)
-        return _Route(kind) if kind is not None else None
-    kind = _OPENAI_POSTS.get(path)
-    return _Route(kind) if kind is not None else None
-
-
-_BAD_JSON = {
-    Dialect.OPENAI: "We could not parse the JSON body of your request. The API expects a JSON payload.",
-    Dialect.ANTHROPIC: "There was an error parsing the body of your request",
-    Dialect.GEMINI: "Invalid JSON payload received.",
-}
-
-
-def _build(
-    dialect: Dialect, route: _Route, request: CapturedRequest, params: dict[str, list[str]], call: Call
-) -> Reply:
-    """The route's reply; a body that is not a JSON object, or lacks a model, gets the provider's 400."""
-    kind = route.kind
-    if kind.endswith(".models"):
-        if dialect is Dialect.OPENAI:
-            return payloads.openai_models(route.model)
-        if dialect is Dialect.ANTHROPIC:
-            return payloads.anthropic_models(route.model)
-        return payloads.gemini_models(route.model)
-    try:
-        body = json.loads(request.body) if request.body else {}
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        return error_reply(dialect, 400, _BAD_JSON[dialect], seq=call.seq)
-    if dialect is Dialect.GEMINI:
-        gemini_model = route.model or ""
-        if kind == "gemini.generate":
-            return payloads.gemini_generate(call, gemini_model, stream=False, sse=False)
-        if kind == "gemini.stream":
-            return payloads.gemini_generate(call, gemini_model, stream=True, sse=params.get("alt") == ["sse"])
-        if kind == "gemini.count_tokens":
-            return payloads.gemini_count_tokens(call)
-        return payloads.gemini_embed(body, batch=kind == "gemini.batch_embed")
-    model = body.get("model")
-    if kind == "anthropic.count_tokens":
-        return payloads.anthropic_count_tokens(call)
-    if not isinstance(model, str) or not model:
-        message = (
-            "model: Field required" if dialect is Dialect.ANTHROPIC else "you must provide a model parameter"
-        )
-        return error_reply(dialect, 400, message, seq=call.seq)
-    builder = {
-        "anthropic.messages": payloads.anthropic_messages,
-        "openai.chat": payloads.openai_chat,
-        "openai.completions": payloads.openai_completions,
-        "openai.embeddings": payloads.openai_embeddings,
-        "openai.responses": payloads.openai_responses,
-    }[kind]
-    return builder(call, body, model)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
