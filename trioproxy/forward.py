@@ -32,7 +32,7 @@ import trio
 from trioproxy.balancer import Balancer
 from trioproxy.dialects import error_body
 from trioproxy.errors import ClientGoneError, TrioProxyError
-from trioproxy.exchange import ClientRequest, ResponseSink
+from trioproxy.exchange import ClientRequest, Headers, ResponseSink
 from trioproxy.gateway_keys import has_valid_checksum, hash_gateway_key
 from trioproxy.headers import build_upstream_headers, client_address, extract_gateway_key
 from trioproxy.limits import Admission, AdmissionRequest, Refused, Reservation, Scope, usage_tokens
@@ -42,7 +42,7 @@ from trioproxy.metrics import Metrics
 from trioproxy.openai_stream import prepare_stream_usage
 from trioproxy.pool import ConnectionPool, UpstreamRequest
 from trioproxy.records import Outcome, RequestRecord, Usage
-from trioproxy.relay import AttemptContext, Relay, send_error
+from trioproxy.relay import JSON_HEADERS, AttemptContext, Relay, send_error
 from trioproxy.reloader import SnapshotHolder
 from trioproxy.request_guard import RequestHead
 from trioproxy.routes import Route, RouteRejection, guess_dialect, match_route
@@ -52,13 +52,11 @@ from trioproxy.usage import StreamFormat
 
 logger = logging.getLogger(__name__)
 
-JSON_HEADERS = (b"content-type", b"application/json")
 # The usual rule of thumb for English text in current tokenizers; only used to estimate broken-off streams.
 CHARS_PER_TOKEN = 4
 # OpenAI routes whose streams report usage only when asked (stream_options.include_usage).
 INCLUDE_USAGE_ROUTES = frozenset({"openai.chat_completions", "openai.completions"})
 
-Headers = list[tuple[bytes, bytes]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 

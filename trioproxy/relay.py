@@ -44,7 +44,6 @@ from trioproxy.usage import StreamFormat, UsageMeter
 
 logger = logging.getLogger(__name__)
 
-Headers = list[tuple[bytes, bytes]]
 JSON_HEADERS = (b"content-type", b"application/json")
 # Bytes of a discarded (retried) error body kept for the balancer: Gemini puts its RetryInfo in the body.
 ERROR_PREFIX_BYTES = 16 * 1024
