@@ -1,12 +1,13 @@
-"""Sans-IO checks of a client's request head, applied to the raw bytes before h11 parses them.
+"""The sans-IO parser of a client's request head: strict, because the gateway must refuse what others might
+read differently.
 
-h11 is a correct parser but a lenient one: it unfolds obs-fold lines, accepts bare ``\\n`` line endings, lets
-``Transfer-Encoding`` win over ``Content-Length``, accepts absolute-form targets and lets a peer propose
-``Upgrade``/``CONNECT``; it limits neither the header count nor the target length, and it checks
-``max_incomplete_event_size`` only while a head is still incomplete. A gateway behind a load balancer must
-*reject* every ambiguous message rather than normalise it (an intermediary that parses the same bytes
-differently is how request smuggling works), so :class:`HeadScanner` looks at the bytes first and h11 only
-parses a head that passed. Every check adds a rejection, none relaxes h11: a request runs only if both agree.
+General HTTP parsers (h11 among them) are lenient: they unfold obs-fold lines, accept bare ``\\n`` line
+endings, let ``Transfer-Encoding`` win over ``Content-Length``, accept absolute-form targets and let a peer
+propose ``Upgrade``/``CONNECT``; few limit the header count or the target length. A gateway behind a load
+balancer must *reject* every ambiguous message rather than normalise it (an intermediary that parses the same
+bytes differently is how request smuggling works). :class:`HeadScanner` is the only parser of a client's
+head: what it returns is what the handler sees; the body's framing is then taken from it by
+:func:`trioproxy.http1.request_framing`.
 
 What is refused, and with which status (the numbers live in :class:`~trioproxy.settings.ServerLimits`):
 
@@ -16,6 +17,7 @@ What is refused, and with which status (the numbers live in :class:`~trioproxy.s
 * ``Content-Length`` above ``max_body_bytes`` -> 413 (before a body byte is read or ``100 Continue`` sent);
 * HTTP versions other than 1.0 and 1.1 -> 505; ``CONNECT`` -> 405;
 * anything but an origin-form target (``/...``): absolute-form, authority-form and ``*`` -> 400;
+* a missing ``Host`` header on HTTP/1.1, or more than one (as h11 demands); a control character in a value;
 * bare LF or bare CR line endings, obs-fold continuation lines, ``_`` in a header name, a header name that is
   not a token (this includes whitespace before the colon), ``Content-Length`` together with
   ``Transfer-Encoding``, a ``Transfer-Encoding`` other than exactly one ``chunked``, ``Transfer-Encoding`` on
@@ -40,6 +42,8 @@ _TOKEN_RE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _VERSION_RE = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
 _OWS = b" \t"
+# Characters a field value may not hold (RFC 9110 section 5.5: CTLs but HTAB; CR and LF are caught earlier).
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +73,7 @@ class HeadScanner:
 
     Feed it whatever the socket returned with :meth:`feed`, then call :meth:`next_head`: it returns ``None``
     while more bytes are needed, the parsed :class:`RequestHead` once the blank line has arrived and every
-    check passed, or raises :class:`RequestRejected`. :attr:`buffered` then holds the bytes to hand to h11:
+    check passed, or raises :class:`RequestRejected`. :attr:`buffered` then holds
     the head (without the empty lines before it, which RFC 9112 §2.2 says to ignore) and what followed it.
     """
 
@@ -93,6 +97,11 @@ class HeadScanner:
     def has_data(self) -> bool:
         """Whether any byte of the next request has arrived (the header timeout runs from the first byte)."""
         return bool(self._buffer)
+
+    @property
+    def remainder(self) -> bytes:
+        """The bytes after a complete head (the start of the body, or a pipelined request)."""
+        return bytes(self._buffer[self._scanned :]) if self._head is not None else b""
 
     @property
     def buffered(self) -> bytes:
@@ -207,7 +216,10 @@ class HeadScanner:
         if b"_" in name:
             # Envoy's edge default: `x_api_key` and `x-api-key` must not be two spellings of one header.
             self._reject("underscore in a header name", 400)
-        self._headers.append((name.lower(), value.strip(_OWS)))
+        value = value.strip(_OWS)
+        if _BAD_VALUE_RE.search(value) is not None:
+            self._reject("control character in a header value", 400)
+        self._headers.append((name.lower(), value))
 
     def _finish(self) -> RequestHead:
         """Checks that need the whole head."""
@@ -216,6 +228,9 @@ class HeadScanner:
         head = RequestHead(method, target, tuple(self._headers), version)
         transfer_encodings = [value for name, value in head.headers if name == b"transfer-encoding"]
         content_lengths = [value for name, value in head.headers if name == b"content-length"]
+        hosts = sum(1 for name, _ in head.headers if name == b"host")
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._reject("an HTTP/1.1 request needs exactly one Host header", 400, head)
         if any(name == b"upgrade" for name, _ in head.headers):
             self._reject("protocol upgrades are not supported", 400, head)
         if transfer_encodings:
@@ -237,7 +252,8 @@ class HeadScanner:
 
 
 def _largest_content_length(values: list[bytes]) -> int | None:
-    """The largest well-formed value of the Content-Length headers; malformed ones are h11's to refuse."""
+    """The largest well-formed value of the Content-Length headers; malformed ones are refused
+    by :func:`trioproxy.http1.request_framing`."""
     largest: int | None = None
     for value in values:
         for item in value.split(b","):

@@ -1,21 +1,23 @@
-"""The client-facing HTTP/1.1 server of the data plane: h11 on trio, one task per connection.
+"""The client-facing HTTP/1.1 server of the data plane: sans-IO framing on trio, one task per connection.
 
 A connection runs request cycles until the client closes, idles, asks to close, or hits a limit. Each cycle:
 
 1. wait for the first byte (``keepalive_timeout`` between requests, ``header_timeout`` on a new connection;
    both close silently), then collect the head within ``header_timeout`` (408) while
    :class:`~trioproxy.request_guard.HeadScanner` refuses anything ambiguous or oversized;
-2. let a fresh ``h11.Connection`` parse the head that passed, send ``100 Continue`` if the client waits for
-   it, and read the whole body (``body_read_timeout`` between reads: 408; ``max_body_bytes``: 413);
-3. run the handler while a sibling task watches the socket: EOF or a reset sets ``request.disconnected`` and
-   cancels the handler, so an upstream read in it stops at once. Bytes of a pipelined next request that arrive
-   meanwhile are kept and answered after this one, never interleaved.
+2. take the body's framing from the head that passed (:mod:`trioproxy.http1`: Content-Length values must
+   agree, chunked syntax is strict), send ``100 Continue`` if the client waits for it, and read the whole body (``body_read_timeout`` between reads: 408; ``max_body_bytes``: 413);
+3. run the handler; when it is about to wait (the forwarder asks once the provider took ``SLOW_WAIT``), a
+   sibling task in the connection's nursery watches the socket: EOF or a reset sets ``request.disconnected``
+   and cancels the handler, so an upstream read in it stops at once. Bytes of a pipelined next request that
+   arrive meanwhile are kept and answered after this one, never interleaved.
 
 Rejections are built by the :class:`Rejector` (a JSON body in the client's dialect), sent with
 ``connection: close``; then the server half-closes, discards what the client still sends for a moment (so the
 kernel answers the unread bytes with a FIN rather than a reset that could destroy the answer in flight), and
 closes. Nothing after a refused head is ever parsed. After an abort, an error or a cancellation the connection
-is closed, never reused; it is reused only when h11 says both sides are DONE.
+is closed, never reused; it is reused only when the answer ended cleanly and neither side asked to close
+(HTTP/1.0, ``Connection: close``, a close-delimited answer).
 
 Resource handling: every connection task lives in the server's own nursery and closes its stream on the way
 out; :meth:`ProxyServer.drain` closes the listeners and the idle connections, then moves that nursery's
@@ -34,7 +36,6 @@ import logging
 import socket
 import traceback
 
-import h11
 import trio
 
 from trioproxy.errors import ClientGoneError, TrioProxyError
@@ -48,8 +49,18 @@ from trioproxy.exchange import (
     ResponseSink,
     reason_phrase,
 )
+from trioproxy.http1 import (
+    CONTINUE_RESPONSE,
+    BodyDecoder,
+    HTTPFramingError,
+    check_header_values,
+    has_connection_token,
+    request_framing,
+    serialize_response_head,
+)
 from trioproxy.request_guard import HeadScanner, RequestHead, RequestRejected
 from trioproxy.settings import ServerLimits
+from trioproxy.sockets import FastSocketStream
 
 logger = logging.getLogger(__name__)
 
@@ -165,25 +176,83 @@ class ProxyServer:
             try:
                 # Responses go out in one write per piece: no Nagle delay (trio sets it too; we rely on it).
                 stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-                peer = stream.socket.getpeername()
+                fast = FastSocketStream.from_trio_socket(stream.socket)
             except OSError:  # the client is already gone
                 await trio.aclose_forcefully(stream)
                 continue
-            connection = _Connection(self, stream, str(peer[0]), int(peer[1]))
+            try:
+                peer_ip, peer_port = fast.getpeername()
+            except OSError:
+                await trio.aclose_forcefully(fast)
+                continue
+            connection = _Connection(self, fast, peer_ip, peer_port)
             # Counted before the task runs, so a burst of accepts cannot overshoot the cap.
             self._connections.add(connection)
             nursery.start_soon(self._run_connection, connection)
 
     async def _run_connection(self, connection: _Connection) -> None:
         try:
-            await connection.run()
-        except BrokenStream:
-            pass  # the client reset or closed the connection: nothing to answer
-        except Exception:
-            logger.exception("connection task failed")
+            # The connection's own nursery, for the disconnect watchers its requests may start.
+            async with trio.open_nursery() as nursery:
+                connection.nursery = nursery
+                try:
+                    await connection.run()
+                except BrokenStream:
+                    pass  # the client reset or closed the connection: nothing to answer
+                except Exception:
+                    logger.exception("connection task failed")
         finally:
             self._connections.discard(connection)
             await trio.aclose_forcefully(connection.stream)
+
+
+class _DisconnectWatch:
+    """Watches the client of one request for a hang-up, from the moment the handler asks.
+
+    A watcher is a task, and a task costs more CPU than a whole fast exchange, so it is not started for every
+    request: the handler calls :meth:`start` (``ClientRequest.watch_disconnect``) when it is about to wait,
+    which the forwarder does once the provider has kept it waiting for ``SLOW_WAIT``. A client that leaves
+    earlier is noticed then, or by the next write.
+    """
+
+    __slots__ = ("_connection", "_disconnected", "_done", "_handler_scope", "_scope", "kept")
+
+    def __init__(
+        self, connection: _Connection, handler_scope: trio.CancelScope, disconnected: trio.Event
+    ) -> None:
+        self._connection = connection
+        self._handler_scope = handler_scope
+        self._disconnected = disconnected
+        self._scope: trio.CancelScope | None = None
+        self._done: trio.Event | None = None
+        self.kept = bytearray()  # bytes of a pipelined next request read meanwhile
+
+    def start(self) -> None:
+        """Start watching (idempotent; a no-op once the request is answered)."""
+        nursery = self._connection.nursery
+        if self._done is not None or nursery is None:
+            return
+        self._done = trio.Event()
+        self._scope = trio.CancelScope()
+        nursery.start_soon(self._run)
+
+    async def stop(self) -> None:
+        """Stop the watcher if it started, and wait until it let go of the socket."""
+        if self._done is None or self._scope is None:
+            self._done = trio.Event()  # so a late start() does nothing
+            self._done.set()
+            return
+        self._scope.cancel()
+        await self._done.wait()
+
+    async def _run(self) -> None:
+        assert self._scope is not None
+        assert self._done is not None
+        try:
+            with self._scope:
+                await self._connection._watch_client(self._handler_scope, self._disconnected, self.kept)
+        finally:
+            self._done.set()
 
 
 class _ClientClosed(Exception):
@@ -203,6 +272,7 @@ class _Connection:
         self._peer_port = peer_port
         self._leftover = b""  # bytes of the next request that arrived with or during the previous one
         self._idle_scope: trio.CancelScope | None = None
+        self.nursery: trio.Nursery | None = None  # set by the server before run()
 
     def close_if_idle(self) -> None:
         """Called by drain: a connection waiting for its next request closes now."""
@@ -236,32 +306,39 @@ class _Connection:
             scanner.feed(data)
         head = await self._read_head(scanner)
         received_at = trio.current_time()
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
-        conn.receive_data(scanner.buffered)
         try:
-            event = conn.next_event()
-            if not isinstance(event, h11.Request):
-                raise RequestRejected("malformed request head", status_hint=400, head=head)
-            body = await self._read_body(conn, head)
-        except h11.RemoteProtocolError as exc:
-            raise RequestRejected(_h11_message(exc), status_hint=exc.error_status_hint, head=head) from exc
+            framing, length = request_framing(head.headers)
+        except HTTPFramingError as exc:
+            raise RequestRejected(exc.message, status_hint=400, head=head) from None
+        decoder = BodyDecoder(framing, length)
+        body = await self._read_body(decoder, scanner.remainder, head)
         path, _, query = head.target.partition("?")
         request = ClientRequest(
             method=head.method,
             target=head.target,
             path=path,
             query=query,
-            headers=list(event.headers),
+            headers=list(head.headers),
             body=body,
             peer_ip=self._peer_ip,
             peer_port=self._peer_port,
             received_at=received_at,
             disconnected=trio.Event(),
         )
-        return await self._respond(conn, request, head, close=last)
+        keep_alive = (
+            not last and head.http_version == "1.1" and not has_connection_token(head.headers, b"close")
+        )
+        return await self._respond(request, head, decoder, keep_alive=keep_alive)
 
     async def _wait_first_bytes(self, idle_seconds: float) -> bytes | bytearray:
         """The first bytes of the next request, or b"" if the connection closed, idled out or was drained."""
+        stream = self.stream
+        if type(stream) is FastSocketStream:
+            # A new connection's request is usually there already: read it without a cancel scope.
+            data = stream.receive_nowait()
+            if data is not None:
+                await trio.lowlevel.checkpoint()
+                return data
         with trio.move_on_after(idle_seconds) as scope:
             self._idle_scope = scope
             try:
@@ -271,6 +348,9 @@ class _Connection:
         return b""
 
     async def _read_head(self, scanner: HeadScanner) -> RequestHead:
+        head = scanner.next_head()
+        if head is not None:  # the usual case: the first read held the whole head
+            return head
         with trio.move_on_after(self._limits.header_timeout):
             while (head := scanner.next_head()) is None:
                 data = await self.stream.receive_some()
@@ -282,56 +362,66 @@ class _Connection:
             "request head not received in time", status_hint=408, head=scanner.partial_head()
         )
 
-    async def _read_body(self, conn: h11.Connection, head: RequestHead) -> bytes:
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if conn.they_are_waiting_for_100_continue:
-                    await self._send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+    async def _read_body(self, decoder: BodyDecoder, initial: bytes, head: RequestHead) -> bytes:
+        """The whole body (framing removed); bytes after it stay in ``decoder.trailing``."""
+        try:
+            body = decoder.feed(initial)
+            size = len(body)
+            if size > self._limits.max_body_bytes:
+                raise RequestRejected("request body too large", status_hint=413, head=head)
+            complete = decoder.done
+            if complete:
+                return body
+            pieces = [body]
+            if head.http_version == "1.1" and _expects_continue(head.headers):
+                await self._send(CONTINUE_RESPONSE)
+            while not complete:
                 with trio.move_on_after(self._limits.body_read_timeout):
                     data = await self.stream.receive_some()
                     if not data:
                         raise _ClientClosed
-                    conn.receive_data(bytes(data))
+                    piece = decoder.feed(bytes(data))
+                    size += len(piece)
+                    if size > self._limits.max_body_bytes:
+                        raise RequestRejected("request body too large", status_hint=413, head=head)
+                    pieces.append(piece)
+                    complete = decoder.done
                     continue
                 raise RequestRejected("request body not received in time", status_hint=408, head=head)
-            if isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > self._limits.max_body_bytes:
-                    raise RequestRejected("request body too large", status_hint=413, head=head)
-            elif isinstance(event, h11.EndOfMessage):
-                return bytes(body)
-            else:
-                raise RequestRejected("malformed request body", status_hint=400, head=head)
+        except HTTPFramingError as exc:
+            raise RequestRejected(
+                f"malformed request body: {exc.message}", status_hint=400, head=head
+            ) from None
+        return b"".join(pieces)
 
     async def _respond(
-        self, conn: h11.Connection, request: ClientRequest, head: RequestHead, *, close: bool
+        self, request: ClientRequest, head: RequestHead, decoder: BodyDecoder, *, keep_alive: bool
     ) -> bool:
-        """Run the handler beside the disconnect watcher; True if the connection may serve another request."""
+        """Run the handler (and a disconnect watcher if it asks for one); True if the connection may serve
+        another request."""
         sink = ResponseSink(
             self.stream,
-            conn,
             send_timeout=self._limits.send_timeout,
             disconnected=request.disconnected,
-            close_connection=lambda: close or self._server.draining,
+            close_connection=lambda: self._server.draining,
             head_request=request.method == "HEAD",
+            http11=head.http_version == "1.1",
+            client_keep_alive=keep_alive,
         )
-        handler_scope = trio.CancelScope()
-        pipelined = bytearray()
         failure: Exception | None = None
+        handler_scope = trio.CancelScope()
+        watch = _DisconnectWatch(self, handler_scope, request.disconnected)
+        request.watch_disconnect = watch.start
         self._server._active_requests += 1
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, handler_scope, request.disconnected, pipelined)
-                with handler_scope:
-                    try:
-                        await self._server._handler(request, sink)
-                    except ClientGoneError:
-                        pass
-                    except Exception as exc:
-                        failure = exc
-                nursery.cancel_scope.cancel()
+            with handler_scope:
+                try:
+                    await self._server._handler(request, sink)
+                except ClientGoneError:
+                    pass
+                except Exception as exc:
+                    failure = exc
+            await watch.stop()
         finally:
             self._server._active_requests -= 1
         if failure is not None:
@@ -346,12 +436,10 @@ class _Connection:
             else:
                 await self._reject(500, "internal error", head)
             return False
-        if failure is not None or not sink.finished:
+        if failure is not None or not sink.keeps_alive or self._server.draining:
             return False
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not self._server.draining:
-            self._leftover = conn.trailing_data[0] + bytes(pipelined)
-            return True
-        return False
+        self._leftover = decoder.trailing + bytes(watch.kept)
+        return True
 
     async def _watch_client(
         self, handler_scope: trio.CancelScope, disconnected: trio.Event, kept: bytearray
@@ -404,24 +492,16 @@ class _Connection:
 
 
 def _serialize_rejection(status: int, headers: Headers, body: bytes) -> bytes:
-    """A complete response with ``connection: close``, via a throwaway h11 connection: h11 validates the
-    headers and allows a response without a parsed request (answering garbage from IDLE)."""
+    """A complete response with ``connection: close`` (the rejector's headers are checked: it may echo a
+    dialect's values, and a broken one must not inject a header)."""
     kept = [(name, value) for name, value in headers if name.lower() not in FRAMING_HEADERS]
-    kept += [(b"content-length", str(len(body)).encode("ascii")), (b"connection", b"close")]
-    writer = h11.Connection(h11.SERVER)
-    return (
-        writer.send(h11.Response(status_code=status, headers=kept, reason=reason_phrase(status)))
-        + writer.send(h11.Data(data=body))
-        + writer.send(h11.EndOfMessage())
-    )
+    kept += [(b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+    check_header_values(kept)
+    return serialize_response_head(status, reason_phrase(status), kept) + body
 
 
-def _h11_message(exc: h11.RemoteProtocolError) -> str:
-    """h11's message without the bytes it quotes ("illegal header line: b'...'"): they may hold a key."""
-    text = str(exc)
-    for quote in (" b'", ' b"', " bytearray("):
-        text = text.split(quote, 1)[0]
-    return text.rstrip(": ") or "malformed HTTP request"
+def _expects_continue(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
 
 
 def _bare_error(status: int) -> bytes:

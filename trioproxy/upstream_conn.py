@@ -1,12 +1,13 @@
-"""One HTTP/1.1 client connection to a provider: open it, run h11 exchanges over it, say if it can be reused.
+"""One HTTP/1.1 client connection to a provider: open it, run exchanges over it, say if it can be reused.
+
+The bytes are framed by the sans-IO :mod:`trioproxy.http1`.
 
 The pool (:mod:`trioproxy.pool`) owns the bookkeeping; this module owns the bytes. An
 :class:`UpstreamConnection` runs one exchange at a time: :meth:`UpstreamConnection.start` sends the request
 and reads the response head, :meth:`UpstreamResponse.receive_some` reads the body, and
 :meth:`UpstreamConnection.finish_cycle` says whether the connection is clean enough for the next exchange.
 
-Timeouts (each :func:`trio.fail_after`/:func:`trio.fail_at` wraps exactly one await, so a timeout names a
-phase):
+Timeouts (each deadline scope wraps exactly one await, so a timeout names a phase):
 
 - connect: name resolution, TCP connect and TLS handshake together (:func:`open_upstream_connection`);
 - first_byte: from the moment we start sending the request until the response head is complete; the send and
@@ -14,7 +15,7 @@ phase):
 - idle: between two reads of the response body (right for token streams that pause between chunks).
 
 Error handling: every failure becomes a :class:`~trioproxy.errors.TrioProxyError`. Messages never quote header
-values or h11's own messages (which may quote them): an ``Authorization`` header must not reach a log line.
+values or the bytes that failed to parse: an ``Authorization`` header must not reach a log line.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import socket as stdlib_socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-import h11
 import trio
 
 from trioproxy.errors import (
@@ -34,16 +35,29 @@ from trioproxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
+from trioproxy.http1 import (
+    BodyDecoder,
+    Framing,
+    HTTPFramingError,
+    ResponseHead,
+    has_connection_token,
+    parse_response_head,
+    request_framing,
+    response_framing,
+    serialize_request_head,
+)
 from trioproxy.snapshot import Origin
+from trioproxy.sockets import FastSocketStream, receive_some_before, send_all_before
 
 # One read from the provider: httpcore and hypercorn use 64 KiB; a token stream's chunks are far smaller.
 RECEIVE_SIZE = 64 * 1024
 
+# How long a wait for the provider may last before the exchange's ``on_slow`` hook runs (the server uses it to
+# start watching the client for a hang-up: a watcher task costs more than a whole fast exchange).
+SLOW_WAIT = 0.05
+
 # Closing never needs the provider's cooperation (no close_notify), so this only bounds a pathological close.
 CLOSE_GRACE = 1.0
-
-# The status line and header block of a response as h11 frames them, beyond the raw header pairs.
-_HEAD_OVERHEAD = len(b"HTTP/1.1 200 \r\n\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +105,20 @@ def _label(origin: Origin) -> str:
 class UpstreamResponse:
     """The head of a provider's response and a reader for its body.
 
-    ``headers`` carry lower-cased names (h11 normalises them), values as received.
+    ``headers`` carry lower-cased names, values as received (without surrounding whitespace).
     """
 
+    __slots__ = ("_connection", "_idle", "headers", "http_version", "reason", "status")
+
     def __init__(
-        self, connection: UpstreamConnection, head: h11.Response, timeouts: ExchangeTimeouts
+        self, connection: UpstreamConnection, head: ResponseHead, timeouts: ExchangeTimeouts
     ) -> None:
-        self.status: int = head.status_code
-        self.reason: bytes = bytes(head.reason)
-        self.headers: list[tuple[bytes, bytes]] = [(bytes(n), bytes(v)) for n, v in head.headers]
-        self.http_version: bytes = bytes(head.http_version)
+        self.status: int = head.status
+        self.reason: bytes = head.reason
+        self.headers: list[tuple[bytes, bytes]] = head.headers
+        self.http_version: bytes = head.http_version
         self._connection = connection
-        self._timeouts = timeouts
+        self._idle = timeouts.idle
 
     async def receive_some(self) -> bytes:
         """Return the next body bytes (HTTP framing removed); ``b""`` once the body ended cleanly.
@@ -111,11 +127,11 @@ class UpstreamResponse:
         when the provider closes a framed body early, UpstreamProtocolError on malformed framing. After the
         clean end it keeps returning ``b""``, like a stream at EOF.
         """
-        return await self._connection.receive_body(self._timeouts.idle)
+        return await self._connection.receive_body(self._idle)
 
     @property
     def complete(self) -> bool:
-        """True once the whole body was read (h11 saw its end)."""
+        """True once the whole body was read."""
         return self._connection.body_complete
 
     def __repr__(self) -> str:
@@ -123,26 +139,29 @@ class UpstreamResponse:
 
 
 class UpstreamConnection:
-    """An open connection to one origin plus its h11 client state.
+    """An open connection to one origin and the framing state of its current exchange.
 
     Resource handling: the pool owns it; whoever takes it out of the pool either gives it back or closes it.
     :meth:`aclose` is idempotent and bounded.
     """
 
     def __init__(
-        self, origin: Origin, stream: trio.abc.Stream, sock: trio.socket.SocketType, *, max_head_bytes: int
+        self, origin: Origin, stream: trio.abc.Stream, sock: _Pollable, *, max_head_bytes: int
     ) -> None:
         self.origin = origin
         self._stream = stream
-        self._socket = sock  # the raw TCP socket under any TLS layer, for the readability check
+        self._socket = sock  # the TCP socket under any TLS layer, for the readability check
         self._max_head_bytes = max_head_bytes
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
         self.exchanges = 0  # exchanges started on this connection
         self._expires_at: float | None = None  # set while idle in the pool
         self._closed = False
         self._eof = False
+        self._in_exchange = False  # between start() and a successful finish_cycle()
         self._received_this_cycle = 0
-        self.body_complete = False
+        self._decoder: BodyDecoder | None = None
+        self._pending = b""  # body bytes that arrived with the response head, not yet decoded
+        self._keep_alive = False
+        self._on_slow: Callable[[], None] | None = None  # run once, the first time a wait passes SLOW_WAIT
 
     # -- predicates the pool's bookkeeping asks --
 
@@ -160,7 +179,7 @@ class UpstreamConnection:
         The readability check is a non-blocking poll of the socket: an idle HTTP/1.1 connection has nothing to
         say, so readable means the provider closed it (EOF) or sent garbage; either way it must not be reused.
         """
-        if self._closed or self._h11.our_state is not h11.IDLE or self._h11.their_state is not h11.IDLE:
+        if self._closed or self._in_exchange or self._eof:
             return False
         try:
             return not self._socket.is_readable()
@@ -173,10 +192,21 @@ class UpstreamConnection:
     def mark_in_use(self) -> None:
         self._expires_at = None
 
+    @property
+    def body_complete(self) -> bool:
+        return self._decoder is not None and self._decoder.done
+
     # -- one exchange --
 
-    async def start(self, request: UpstreamRequest, timeouts: ExchangeTimeouts) -> UpstreamResponse:
+    async def start(
+        self,
+        request: UpstreamRequest,
+        timeouts: ExchangeTimeouts,
+        on_slow: Callable[[], None] | None = None,
+    ) -> UpstreamResponse:
         """Send ``request`` and read the response head, skipping informational (1xx) responses.
+
+        ``on_slow`` runs once, the first time this exchange waits for the provider longer than ``SLOW_WAIT``.
 
         Error handling: StaleConnectionError (see its docstring) on a reused connection that died before any
         response byte; otherwise UpstreamTimeoutError, UpstreamDiedError or UpstreamProtocolError.
@@ -184,30 +214,22 @@ class UpstreamConnection:
         reused = self.exchanges > 0
         self.exchanges += 1
         self._received_this_cycle = 0
-        self.body_complete = False
+        self._in_exchange = True
+        self._decoder = None
+        self._pending = b""
+        self._on_slow = on_slow
         try:
-            parts = [
-                self._h11.send(
-                    h11.Request(method=request.method, target=request.target, headers=request.headers)
-                )
-            ]
-            if request.body:
-                parts.append(self._h11.send(h11.Data(data=request.body)))
-            parts.append(self._h11.send(h11.EndOfMessage()))
-        except h11.LocalProtocolError:
-            # h11's message may quote a header value: keep it out of ours, and break the chain.
+            framing, _ = request_framing(request.headers)
+            if request.body and framing is not Framing.LENGTH:
+                raise HTTPFramingError("a request body needs a Content-Length")
+            wire = serialize_request_head(request.method, request.target, request.headers) + request.body
+        except HTTPFramingError:
             raise UpstreamProtocolError(
                 "the request cannot be framed as HTTP/1.1 (invalid method, target, headers or body length)"
             ) from None
-        wire = b"".join(p for p in parts if p is not None)
         deadline = trio.current_time() + timeouts.first_byte
         try:
-            with trio.fail_at(deadline):
-                await self._stream.send_all(wire)
-        except trio.TooSlowError:
-            raise UpstreamTimeoutError(
-                f"{_label(self.origin)} did not take the request within {timeouts.first_byte:g}s"
-            ) from None
+            sent = await send_all_before(self._stream, wire, deadline)
         except trio.BrokenResourceError:
             if reused:
                 raise StaleConnectionError from None
@@ -216,88 +238,116 @@ class UpstreamConnection:
             ) from None
         except trio.ClosedResourceError:
             raise PoolClosedError("the upstream connection pool closed this connection") from None
+        if not sent:
+            raise UpstreamTimeoutError(
+                f"{_label(self.origin)} did not take the request within {timeouts.first_byte:g}s"
+            )
+        buffer = b""
         while True:
-            event = self._next_event(in_body=False)
-            if event is h11.NEED_DATA:
+            try:
+                parsed = parse_response_head(buffer, self._max_head_bytes)
+            except HTTPFramingError as exc:
+                raise self._head_error(exc) from None
+            if parsed is None:
+                if self._eof:
+                    if reused and self._received_this_cycle == 0:
+                        raise StaleConnectionError
+                    where = "in the middle of the response head" if buffer else "before responding"
+                    raise UpstreamDiedError(f"upstream {_label(self.origin)} closed the connection {where}")
                 try:
-                    with trio.fail_at(deadline):
-                        await self._receive()
-                except trio.TooSlowError:
-                    raise UpstreamTimeoutError(
-                        f"{_label(self.origin)} sent no response head within {timeouts.first_byte:g}s"
-                    ) from None
+                    data = await self._receive(deadline)
                 except trio.BrokenResourceError:
                     if reused and self._received_this_cycle == 0:
                         raise StaleConnectionError from None
                     raise UpstreamDiedError(
                         f"{_label(self.origin)} reset the connection before responding"
                     ) from None
-                if self._eof and reused and self._received_this_cycle == 0:
-                    raise StaleConnectionError
-                continue
-            if isinstance(event, h11.InformationalResponse):
-                continue
-            if isinstance(event, h11.Response):
-                head_bytes = (
-                    _HEAD_OVERHEAD + len(event.reason) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-                )
-                if head_bytes > self._max_head_bytes:
-                    raise UpstreamProtocolError(
-                        f"the response head of {_label(self.origin)} exceeds {self._max_head_bytes} bytes"
+                if data is None:
+                    raise UpstreamTimeoutError(
+                        f"{_label(self.origin)} sent no response head within {timeouts.first_byte:g}s"
                     )
-                return UpstreamResponse(self, event, timeouts)
-            if event is h11.PAUSED:
-                # Only an Upgrade/CONNECT request can get here; the forwarder never sends one.
+                buffer += data
+                continue
+            head, consumed = parsed
+            buffer = buffer[consumed:]
+            if head.status == 101:
                 raise UpstreamProtocolError(
                     f"{_label(self.origin)} switched protocols, which is not supported"
                 )
-            # ConnectionClosed: EOF where a response head should start.
-            raise UpstreamDiedError(f"{_label(self.origin)} closed the connection before responding")
+            if head.status < 200:
+                continue  # 100 Continue, 103 Early Hints: the final response follows
+            try:
+                framing, length = response_framing(request.method, head.status, head.headers)
+            except HTTPFramingError:
+                raise UpstreamProtocolError(
+                    f"{_label(self.origin)} sent a malformed HTTP/1.1 response"
+                ) from None
+            self._decoder = BodyDecoder(framing, length)
+            self._pending = buffer
+            self._keep_alive = (
+                head.http_version == b"1.1"
+                and framing is not Framing.CLOSE
+                and not has_connection_token(head.headers, b"close")
+            )
+            return UpstreamResponse(self, head, timeouts)
+
+    def _head_error(self, exc: HTTPFramingError) -> UpstreamProtocolError:
+        label = _label(self.origin)
+        if exc.status_hint == 431:
+            return UpstreamProtocolError(f"the response head of {label} exceeds {self._max_head_bytes} bytes")
+        return UpstreamProtocolError(f"{label} sent a malformed HTTP/1.1 response")
 
     async def receive_body(self, idle: float) -> bytes:
         """The body reader behind :meth:`UpstreamResponse.receive_some`."""
-        while True:
-            if self.body_complete:
-                return b""
-            event = self._next_event(in_body=True)
-            if event is h11.NEED_DATA:
+        decoder = self._decoder
+        assert decoder is not None, "receive_body() before start()"
+        try:
+            if self._pending:
+                pending, self._pending = self._pending, b""
+                piece = decoder.feed(pending)
+                if piece:
+                    return piece
+            while not decoder.done:
+                if self._eof:
+                    decoder.close()
+                    break
                 try:
-                    with trio.fail_after(idle):
-                        await self._receive()
-                except trio.TooSlowError:
-                    raise UpstreamTimeoutError(
-                        f"{_label(self.origin)} sent nothing for {idle:g}s mid-body"
-                    ) from None
+                    data = await self._receive(trio.current_time() + idle)
                 except trio.BrokenResourceError:
                     raise UpstreamDiedError(f"{_label(self.origin)} reset the connection mid-body") from None
-                continue
-            if isinstance(event, h11.Data):
-                if event.data:
-                    return bytes(event.data)
-                continue
-            if isinstance(event, h11.EndOfMessage):
-                self.body_complete = True
-                return b""
-            raise UpstreamProtocolError(
-                f"unexpected {type(event).__name__} in the body of {_label(self.origin)}"
-            )
+                if data is None:
+                    raise UpstreamTimeoutError(f"{_label(self.origin)} sent nothing for {idle:g}s mid-body")
+                if not data:
+                    continue  # EOF: the loop's first check ends or refuses the body
+                piece = decoder.feed(data)
+                if piece:
+                    return piece
+        except HTTPFramingError as exc:
+            if exc.status_hint == 502:
+                raise UpstreamDiedError(
+                    f"upstream {_label(self.origin)} closed the connection mid-body"
+                ) from None
+            raise UpstreamProtocolError(f"{_label(self.origin)} sent a malformed HTTP/1.1 response") from None
+        return b""
 
     def finish_cycle(self) -> bool:
         """After an exchange, prepare for the next one; False if the connection must be closed instead.
 
-        Reusable only if h11 says both sides are DONE (so the response was read to its end and did not say
-        ``Connection: close``, which h11 turns into MUST_CLOSE), nothing unexpected follows the response, and
-        ``start_next_cycle()`` succeeds.
+        Reusable only if the response was read to its end, neither side asked to close (HTTP/1.0,
+        ``Connection: close``, a close-delimited body), and nothing unexpected follows the response.
         """
-        if self._closed or self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
+        decoder = self._decoder
+        if (
+            self._closed
+            or self._eof
+            or decoder is None
+            or not decoder.done
+            or decoder.trailing
+            or self._pending
+            or not self._keep_alive
+        ):
             return False
-        trailing, closed = self._h11.trailing_data
-        if trailing or closed:
-            return False
-        try:
-            self._h11.start_next_cycle()
-        except h11.LocalProtocolError:
-            return False
+        self._in_exchange = False
         return True
 
     async def aclose(self) -> None:
@@ -315,35 +365,26 @@ class UpstreamConnection:
 
     # -- helpers --
 
-    async def _receive(self) -> None:
-        """One read from the transport, fed to h11 (an empty read is EOF)."""
+    async def _receive(self, deadline: float) -> bytes | None:
+        """One read from the transport (``b""`` is EOF), or None if ``deadline`` passed first."""
         try:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
+            on_slow = self._on_slow
+            if on_slow is not None and (soon := trio.current_time() + SLOW_WAIT) < deadline:
+                data = await receive_some_before(self._stream, soon, RECEIVE_SIZE)
+                if data is None:
+                    self._on_slow = None
+                    on_slow()
+                    data = await receive_some_before(self._stream, deadline, RECEIVE_SIZE)
+            else:
+                data = await receive_some_before(self._stream, deadline, RECEIVE_SIZE)
         except trio.ClosedResourceError:
             raise PoolClosedError("the upstream connection pool closed this connection") from None
+        if data is None:
+            return None
         if not data:
             self._eof = True
         self._received_this_cycle += len(data)
-        self._h11.receive_data(bytes(data))
-
-    def _next_event(self, *, in_body: bool) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        try:
-            return self._h11.next_event()
-        except h11.RemoteProtocolError as exc:
-            label = _label(self.origin)
-            if self._eof:
-                if in_body:
-                    where = "mid-body"
-                elif self._received_this_cycle:
-                    where = "in the middle of the response head"
-                else:
-                    where = "before responding"
-                raise UpstreamDiedError(f"upstream {label} closed the connection {where}") from None
-            if exc.error_status_hint == 431:
-                raise UpstreamProtocolError(
-                    f"the response head of {label} exceeds {self._max_head_bytes} bytes"
-                ) from None
-            raise UpstreamProtocolError(f"{label} sent a malformed HTTP/1.1 response") from None
+        return data
 
     def __repr__(self) -> str:
         if self._closed:
@@ -383,9 +424,13 @@ async def open_upstream_connection(
     return UpstreamConnection(origin, stream, sock, max_head_bytes=max_head_bytes)
 
 
+class _Pollable(Protocol):
+    def is_readable(self) -> bool: ...
+
+
 async def _open_stream(
     origin: Origin, ssl_context: ssl.SSLContext, address_allowed: Callable[[str], bool]
-) -> tuple[trio.abc.Stream, trio.socket.SocketType]:
+) -> tuple[trio.abc.Stream, _Pollable]:
     label = _label(origin)
     try:
         infos = await trio.socket.getaddrinfo(origin.host, origin.port, type=stdlib_socket.SOCK_STREAM)
@@ -394,7 +439,7 @@ async def _open_stream(
     allowed = [info for info in infos if address_allowed(str(info[4][0]))]
     if not allowed:
         raise UpstreamConnectError(f"{label} resolves only to addresses that are not allowed")
-    tcp: trio.SocketStream | None = None
+    connected: trio.socket.SocketType | None = None
     for family, type_, proto, _, sockaddr in allowed:
         sock = trio.socket.socket(family, type_, proto)
         try:
@@ -406,12 +451,14 @@ async def _open_stream(
         except BaseException:
             sock.close()
             raise
-        tcp = trio.SocketStream(sock)
+        connected = sock
         break
-    if tcp is None:
+    if connected is None:
         raise UpstreamConnectError(f"cannot connect to {label}")
     if origin.scheme != "https":
-        return tcp, tcp.socket
+        fast = FastSocketStream.from_trio_socket(connected)
+        return fast, fast
+    tcp = trio.SocketStream(connected)
     tls = trio.SSLStream(tcp, ssl_context, server_hostname=origin.host, https_compatible=True)
     try:
         await tls.do_handshake()
