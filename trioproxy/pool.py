@@ -328,7 +328,7 @@ class ConnectionPool:
     Resource handling: :meth:`run` belongs in the services nursery; when it is cancelled (shutdown) the pool
     closes and closes every connection under a bounded shield. :meth:`exchange` lends a connection for one
     request/response and takes it back when the ``async with`` block ends: back into the pool only if the
-    response was read to its end and h11 agrees the connection is reusable; closed otherwise (exception,
+    response was read to its end and the connection is reusable; closed otherwise (exception,
     cancellation, timeout, partially read body, ``Connection: close``).
 
     Error handling: :meth:`exchange` raises only :class:`~trioproxy.errors.TrioProxyError` subclasses of its
@@ -399,9 +399,16 @@ class ConnectionPool:
 
     @asynccontextmanager
     async def exchange(
-        self, origin: Origin, request: UpstreamRequest, timeouts: ExchangeTimeouts
+        self,
+        origin: Origin,
+        request: UpstreamRequest,
+        timeouts: ExchangeTimeouts,
+        on_slow: Callable[[], None] | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send ``request`` to ``origin`` and yield the response once its head arrived.
+
+        ``on_slow`` runs once, the first time the exchange waits for the provider longer than
+        :data:`~trioproxy.upstream_conn.SLOW_WAIT` (head or body).
 
         The block reads the body with ``response.receive_some()``. The overall request deadline is the
         caller's cancel scope; the phase timeouts of ``timeouts`` nest inside it. Redirects are not followed.
@@ -413,12 +420,12 @@ class ConnectionPool:
         conn = await self._checkout(origin, timeouts)
         try:
             try:
-                response = await conn.start(request, timeouts)
+                response = await conn.start(request, timeouts, on_slow)
             except StaleConnectionError:
                 self._stale_retries += 1
                 await self._apply(self._books.retire_for_retry(conn))
                 conn = await self._connect(origin, timeouts)
-                response = await conn.start(request, timeouts)
+                response = await conn.start(request, timeouts, on_slow)
             yield response
         except BaseException:
             # Cancellation included: the connection is in an unknown state, so it is closed, never reused.

@@ -63,6 +63,8 @@ class AttemptContext:
     build_request: Callable[[ProviderKeyView], UpstreamRequest]
     strip_usage: bool
     extra_headers: Sequence[tuple[bytes, bytes]] = ()  # e.g. the gateway key's own x-ratelimit-* headers
+    # Runs once the provider keeps us waiting (the server then watches the client for a hang-up).
+    on_slow: Callable[[], None] | None = None
     meter: UsageMeter | None = None
     bytes_to_client: int = 0
     log: list[dict[str, object]] = field(default_factory=list)
@@ -117,6 +119,8 @@ class Relay:
             while key is not None:
                 retry = bool(tried)
                 if retry:
+                    if ctx.on_slow is not None:
+                        ctx.on_slow()  # a client that leaves during the backoff must stop the retries
                     await trio.sleep(backoff_delay(len(tried), self.rng, self.balancer.retry_policy))
                 tried.add(key.id)
                 failure = None
@@ -157,7 +161,9 @@ class Relay:
             self._note(ctx, key, status, error, attempt_start)
 
         try:
-            async with self.pool.exchange(ctx.provider.origin, ctx.build_request(key), timeouts) as upstream:
+            async with self.pool.exchange(
+                ctx.provider.origin, ctx.build_request(key), timeouts, ctx.on_slow
+            ) as upstream:
                 record.ttfb_ms = (trio.current_time() - ctx.started) * 1000.0
                 status = upstream.status
                 if status >= 400:

@@ -290,6 +290,34 @@ async def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) ->
     assert row["usage_partial"] is True
 
 
+async def test_client_leaving_while_the_provider_thinks_cancels_the_upstream(tmp_path: Path) -> None:
+    """No watcher runs for a fast answer; one starts once the provider keeps us waiting, so a client that
+    hangs up before a slow non-streamed answer still frees the provider at once."""
+    fake = FakeUpstream(accepted_keys=(UPSTREAM_SECRET,))
+    fake.add_fault(Fault(first_byte_delay=30.0))
+    async with running_stack(tmp_path, fake=fake) as stack:
+        sock = await trio.open_tcp_stream("127.0.0.1", stack.gateway.proxy_port)
+        body = json.dumps(CHAT).encode()
+        await sock.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"authorization: Bearer " + stack.keys["openai"].encode() + b"\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        with trio.fail_after(5):
+            while stack.fake.open_connections == 0:
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)  # past SLOW_WAIT: the gateway now watches the client
+        left_at = trio.current_time()
+        await sock.aclose()
+        with trio.fail_after(2):
+            while stack.fake.open_connections:
+                await trio.sleep(0.01)
+        assert trio.current_time() - left_at < 1.0
+        [row] = await stack.rows(1)
+    assert row["outcome"] == "client_cancelled"
+    assert row["status"] == 499
+
+
 async def test_graceful_drain_finishes_in_flight_streams_and_records_them(tmp_path: Path) -> None:
     fake = FakeUpstream(accepted_keys=(UPSTREAM_SECRET,), events=10, chunk_delay=0.05)
     results: list[Any] = []

@@ -37,6 +37,7 @@ from trioproxy.pool import (
     UpstreamResponse,
 )
 from trioproxy.snapshot import Origin
+from trioproxy.upstream_conn import SLOW_WAIT
 
 TIMEOUTS = ExchangeTimeouts(connect=5.0, first_byte=5.0, idle=5.0)
 
@@ -571,6 +572,43 @@ async def test_first_byte_timeout(autojump_clock: trio.testing.MockClock) -> Non
         with trio.fail_after(1):
             await stub.conns[0].saw_eof.wait()  # the timed-out connection was closed
         assert pool.stats().idle == 0
+
+
+async def test_on_slow_runs_once_when_the_provider_keeps_us_waiting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[float] = []
+    async with running_stub() as (_, origin), open_pool() as pool:
+        start = trio.current_time()
+        with pytest.raises(UpstreamTimeoutError):
+            async with pool.exchange(
+                origin,
+                make_request(origin, b"/no-answer"),
+                ExchangeTimeouts(1.0, 7.0, 1.0),
+                lambda: calls.append(trio.current_time() - start),
+            ):
+                pass
+    assert calls == [pytest.approx(SLOW_WAIT)]
+
+
+async def test_on_slow_runs_for_a_stalled_body_and_not_for_a_fast_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[str] = []
+    async with running_stub() as (_, origin), open_pool() as pool:
+        async with pool.exchange(
+            origin, make_request(origin, b"/hello"), TIMEOUTS, lambda: calls.append("hello")
+        ) as response:
+            await read_all(response)
+        assert calls == []
+        timeouts = ExchangeTimeouts(connect=1.0, first_byte=1.0, idle=6.0)
+        async with pool.exchange(
+            origin, make_request(origin, b"/stall-body"), timeouts, lambda: calls.append("stall")
+        ) as response:
+            assert await response.receive_some() == b"a"
+            with pytest.raises(UpstreamTimeoutError):
+                await response.receive_some()
+        assert calls == ["stall"]
 
 
 async def test_first_byte_timeout_covers_a_provider_that_does_not_read(
