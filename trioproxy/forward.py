@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import trio
 
 from trioproxy.balancer import Balancer
@@ -299,6 +300,7 @@ class Forwarder:
             build_request=build_request,
             strip_usage=strip_usage,
             extra_headers=limit_headers,
+            on_slow=request.watch_disconnect,
         )
         await self._relay.run_attempts(exchange.attempts, response, first_key, key_admissible)
 
@@ -424,9 +426,14 @@ def _parse_body(route: Route, body: bytes) -> dict[str, Any]:
     if not route.has_body:
         return {}
     try:
-        parsed = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _Refusal(400, f"the request body is not valid JSON: {exc.__class__.__name__}") from None
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # orjson refuses a few things the standard library reads (integers beyond 64 bits, lone surrogates);
+        # those bodies take the slow parser, so they are judged exactly as before.
+        try:
+            parsed = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise _Refusal(400, f"the request body is not valid JSON: {exc.__class__.__name__}") from None
     if not isinstance(parsed, dict):
         raise _Refusal(400, "the request body must be a JSON object")
     return parsed

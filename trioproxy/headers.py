@@ -286,6 +286,8 @@ def client_address(peer_ip: str, headers: Headers, trusted_proxies: Sequence[IPN
     ``real_ip_recursive``, Envoy ``xff_num_trusted_hops``). A malformed hop stops the walk at the last address
     we could trust.
     """
+    if not trusted_proxies:
+        return peer_ip  # the usual deployment: the socket peer, as the kernel formats it
     peer = _parse_ip(peer_ip)
     if peer is None or not _is_trusted(peer, trusted_proxies):
         return str(peer) if peer is not None else peer_ip

@@ -30,7 +30,7 @@ import json
 import logging
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.exposition import generate_latest
@@ -142,6 +142,7 @@ class Metrics:
             ["provider_kind", "cause"],
             registry=registry,
         )
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.panic = Counter(
             "trioproxy_panic_requests",
             "Requests served while every key of their pool was unavailable (panic mode).",
@@ -161,11 +162,11 @@ class Metrics:
     def _observe(self, record: RequestRecord) -> None:
         route = record.route
         kind = record.provider_kind or NO_KIND
-        self.requests.labels(route, str(record.status), record.outcome.value).inc()
+        self._child(self.requests, route, str(record.status), record.outcome.value).inc()
         if record.duration_ms is not None:
-            self.duration.labels(route).observe(max(0.0, record.duration_ms) / 1000.0)
+            self._child(self.duration, route).observe(max(0.0, record.duration_ms) / 1000.0)
         if record.ttfb_ms is not None:
-            self.ttfb.labels(route).observe(max(0.0, record.ttfb_ms) / 1000.0)
+            self._child(self.ttfb, route).observe(max(0.0, record.ttfb_ms) / 1000.0)
         usage = record.usage
         counts = (
             usage.input_tokens,
@@ -176,16 +177,25 @@ class Metrics:
         )
         for token_kind, count in zip(TOKEN_KINDS, counts, strict=True):
             if count > 0:
-                self.tokens.labels(kind, token_kind).inc(count)
+                self._child(self.tokens, kind, token_kind).inc(count)
         if record.cost is not None and record.cost.total > 0:
-            self.cost.labels(kind).inc(float(record.cost.total))
+            self._child(self.cost, kind).inc(float(record.cost.total))
         if record.price_missing:
-            self.unpriced.labels(kind).inc()
+            self._child(self.unpriced, kind).inc()
         if record.panic:
             self.panic.inc()
         if record.attempt_log:
             for cause in failed_attempts(record.attempt_log):
-                self.upstream_errors.labels(kind, cause).inc()
+                self._child(self.upstream_errors, kind, cause).inc()
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: prometheus_client validates and locks on every call, which
+        cost more than the rest of a request's counting. Label values are few (routes, statuses, kinds)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def render(self, gateway: GatewayParts | None = None) -> bytes:
         """The text exposition of these metrics and, with ``gateway``, of its current state."""

@@ -81,6 +81,9 @@ class PriceTable:
         self._aliases: Mapping[str, str] = MappingProxyType(
             dict(SEED_ALIASES if aliases is None else aliases)
         )
+        # Resolutions already made (the table never changes; a new snapshot builds a new table). Bounded: a
+        # client could send many distinct model names, and each miss would stay.
+        self._resolved: dict[tuple[ProviderKind, str], ModelPrice | None] = {}
 
     def __len__(self) -> int:
         return len(self._prices)
@@ -90,6 +93,17 @@ class PriceTable:
 
     def resolve(self, kind: ProviderKind, model: str) -> ModelPrice | None:
         """The price of ``model`` for provider ``kind``; None when no form of the name is known."""
+        key = (kind, model)
+        try:
+            return self._resolved[key]
+        except KeyError:
+            pass
+        price = self._resolve(kind, model)
+        if len(self._resolved) < _RESOLVED_CACHE_SIZE:
+            self._resolved[key] = price
+        return price
+
+    def _resolve(self, kind: ProviderKind, model: str) -> ModelPrice | None:
         for candidate in _candidates(model):
             for name in (candidate, self._aliases.get(candidate)):
                 if name is not None:
@@ -121,6 +135,9 @@ class PriceTable:
             cache_read=usage.cache_read_tokens * cache_read / _MILLION,
             cache_write=usage.cache_write_tokens * cache_write / _MILLION,
         )
+
+
+_RESOLVED_CACHE_SIZE = 4096
 
 
 def _candidates(model: str) -> list[str]:

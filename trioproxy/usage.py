@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from trioproxy.errors import UpstreamProtocolError
 from trioproxy.records import Usage
 from trioproxy.snapshot import ProviderKind
@@ -284,6 +286,12 @@ def _gemini_event(tally: _Tally, event: SSEEvent) -> None:
 
 
 def _loads(data: str | bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    # What orjson refuses and the standard library reads (integers beyond 64 bits, lone surrogates): rare, so
+    # the slow parser only runs then.
     try:
         return json.loads(data)
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
