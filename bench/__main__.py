@@ -16,7 +16,8 @@ and then:
 - rewrites the generated section of ``docs/BENCHMARKS.md`` and the PNG plots under ``docs/bench/``,
 - prints the same tables on stdout.
 
-``--no-write`` only prints. Lanes: ``direct``, ``trioproxy-1``, ``trioproxy-workers`` (``--workers N``, default
+``--no-write`` only prints. Lanes: ``direct``, ``trioproxy-1``, ``trioproxy-bare`` (the same forwarder without the gateway:
+bench/bare.py), ``trioproxy-workers`` (``--workers N``, default
 one per core), ``nginx`` (when installed), ``litellm`` (when installed); a missing one is reported as skipped.
 """
 
@@ -42,7 +43,7 @@ from bench import loadgen, report, upstreams
 from bench.scenarios import FULL, QUICK, SCENARIOS, Runner
 
 ROOT = Path(__file__).resolve().parent.parent
-LANE_CHOICES = ("direct", "nginx", "trioproxy-1", "trioproxy-workers", "litellm")
+LANE_CHOICES = ("direct", "nginx", "trioproxy-1", "trioproxy-bare", "trioproxy-workers", "litellm")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -199,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                 lanes.append(lanes_mod.nginx_lane(workdir, ups, proxy_cpu))
             elif name == "litellm":
                 lanes.append(lanes_mod.litellm_lane(workdir, ups, proxy_cpu))
-        if any(n.startswith("trioproxy") for n in args.lane_names):
+            elif name == "trioproxy-bare":
+                lanes.append(lanes_mod.bare_lane(workdir, ups, proxy_cpu))
+        if {"trioproxy-1", "trioproxy-workers"} & set(args.lane_names):
             data_dir = workdir / "trioproxy-data"
             keys = lanes_mod.provision_trioproxy(data_dir, ups)
             if "trioproxy-1" in args.lane_names:

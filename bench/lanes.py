@@ -5,6 +5,7 @@ lane               what serves the client
 =================  =====================================================================================
 direct             the upstream itself (the floor every "added" figure is measured against)
 trioproxy-1        ``python -m trioproxy serve``: one process, pinned to CPU 1
+trioproxy-bare     ``python -m bench.bare``: the same server, pool and relay without the gateway, pinned to CPU 1
 trioproxy-N        ``python -m trioproxy serve --workers N``: N SO_REUSEPORT workers, unpinned (N = cores)
 nginx              nginx as a reverse proxy (one worker, CPU 1) doing the same key check and key swap
 litellm            LiteLLM's proxy (one worker, CPU 1), when ``litellm`` is installed
@@ -353,6 +354,33 @@ def trioproxy_lane(
     lane.targets = {
         scenario: Target(
             "127.0.0.1", port, "/v1/chat/completions", (("authorization", f"Bearer {keys[scenario]}"),)
+        )
+        for scenario in SCENARIO_KINDS
+    }
+    return lane
+
+
+def bare_lane(workdir: Path, upstreams: Upstreams, cpu: str | None) -> Lane:
+    """``python -m bench.bare``: trioproxy's server, pool and relay without the gateway (bench/bare.py)."""
+    port = free_port()
+    command = [*pinned(cpu), sys.executable, "-m", "bench.bare", "--port", str(port), "--key", upstream_key()]
+    client_keys = {scenario: f"sk-bare-{scenario}" for scenario in SCENARIO_KINDS}
+    for scenario, client_key in client_keys.items():
+        command += ["--route", f"{client_key}={upstreams.base_url(scenario)}"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    process = start_process("trioproxy-bare", command, workdir, env=env, wait_port=port)
+    from importlib.metadata import version
+
+    lane = Lane(
+        "trioproxy-bare",
+        "trioproxy's forwarder without auth, balancing, limits or metering (one process)",
+        processes=[process],
+        version=f"trioproxy {version('trioproxy')}",
+        command="python -m bench.bare --route KEY=URL ...",
+    )
+    lane.targets = {
+        scenario: Target(
+            "127.0.0.1", port, "/v1/chat/completions", (("authorization", f"Bearer {client_keys[scenario]}"),)
         )
         for scenario in SCENARIO_KINDS
     }
