@@ -26,12 +26,12 @@ cancellation); a malformed attempt log is skipped and logged.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -208,8 +208,8 @@ class Metrics:
 def failed_attempts(attempt_log: str) -> list[str]:
     """The cause of every failed attempt in a record's attempt log (see :class:`Metrics`' ``upstream_errors``)."""
     try:
-        entries = json.loads(attempt_log)
-    except ValueError:
+        entries = orjson.loads(attempt_log)
+    except orjson.JSONDecodeError:
         logger.warning("metrics: an attempt log is not JSON")
         return []
     causes = []

@@ -59,14 +59,25 @@ def _split_single_data_line(raw: bytes) -> tuple[bytes, bytes, bytes] | None:
     return line[:prefix_len], line[prefix_len:], raw[len(line) :]
 
 
-def _without_null_usage(payload: bytes, chunk: dict[str, Any]) -> bytes | None:
-    """The payload with its top-level ``"usage":null`` member cut out byte-exactly, or None if unsure."""
-    # Fast path, OpenAI's layout: usage is the last member, or followed only by plain string members such as
-    # "obfuscation":"x7Yq". A valid JSON object's text ends with the brace that closes the top level, and
-    # strings without quotes or backslashes cannot hide a token boundary, so this "usage" is top-level.
+def _cut_trailing_null_usage(payload: bytes) -> bytes | None:
+    """OpenAI's layout: ``"usage":null`` is the last member of the top-level object, or followed only by plain
+    string members such as ``"obfuscation":"x7Yq"``; the payload without it, or None if it is not laid out so.
+
+    A JSON object's text ends with the brace that closes the top level, and strings without quotes or
+    backslashes cannot hide a token boundary, so a member found this way is top-level. (Inside a string every
+    quote is escaped, so ``,"usage":null`` cannot appear there unescaped.)
+    """
     last = payload.rfind(b"," + _NULL_MEMBER)
     if last >= 0 and _PLAIN_TAIL.fullmatch(payload, last + 1 + len(_NULL_MEMBER)):
         return payload[:last] + payload[last + 1 + len(_NULL_MEMBER) :]
+    return None
+
+
+def _without_null_usage(payload: bytes, chunk: dict[str, Any]) -> bytes | None:
+    """The payload with its top-level ``"usage":null`` member cut out byte-exactly, or None if unsure."""
+    fast = _cut_trailing_null_usage(payload)
+    if fast is not None:
+        return fast
     # Anywhere else: try each spot where it sits as a member and keep the cut that parses back to exactly
     # the chunk without "usage" (a nested "usage":null must stay).
     expected = {k: v for k, v in chunk.items() if k != "usage"}
@@ -94,7 +105,9 @@ class UsageChunkStripper:
 
     ``feed()`` returns the bytes to send to the client now: every event that the new bytes completed, possibly
     rewritten; the bytes of an unfinished event wait for the rest of it. ``flush()`` at the end of the stream
-    returns whatever is left, unchanged. Only events that contain ``usage`` are JSON-parsed.
+    returns whatever is left, unchanged. Both also return the events they framed, which the usage meter reads
+    (:meth:`~trioproxy.usage.UsageMeter.feed_events`). Only chunks whose ``"usage":null`` is not laid out as
+    OpenAI does are JSON-parsed.
 
     Error handling: an event larger than ``max_event_bytes`` raises
     :class:`~trioproxy.errors.UpstreamProtocolError` (from the framer); the stream should then be aborted.
@@ -108,14 +121,18 @@ class UsageChunkStripper:
     def __repr__(self) -> str:
         return f"<UsageChunkStripper {self._framer!r}>"
 
-    def feed(self, data: bytes) -> bytes:
-        """Take upstream bytes; return the bytes the client should get now."""
-        return b"".join(self._rewrite(event) for event in self._framer.feed(data))
+    def feed(self, data: bytes) -> tuple[bytes, list[SSEEvent]]:
+        """Take upstream bytes; return the bytes the client should get now, and the complete events the bytes
+        finished (unchanged, for the usage meter: one framing of the stream serves both)."""
+        events = self._framer.feed(data)
+        return b"".join([self._rewrite(event) for event in events]), events
 
-    def flush(self) -> bytes:
-        """At the end of the upstream stream: return the rest (an unfinished event is passed on as it is)."""
-        out = b"".join(self._rewrite(event) for event in self._framer.flush())
-        return out + self._framer.remainder
+    def flush(self) -> tuple[bytes, list[SSEEvent]]:
+        """At the end of the upstream stream: the rest (an unfinished event is passed on as it is), and the
+        events it completed."""
+        events = self._framer.flush()
+        out = b"".join([self._rewrite(event) for event in events])
+        return out + self._framer.remainder, events
 
     @staticmethod
     def _rewrite(event: SSEEvent) -> bytes:
@@ -126,6 +143,12 @@ class UsageChunkStripper:
         if parts is None:
             return raw
         prefix, payload, terminator = parts
+        # The usual chunk: a top-level object whose "usage":null is its last member (or followed only by
+        # plain string members). Cut it without parsing: this runs for every event of the stream.
+        if payload.startswith(b"{"):
+            fast = _cut_trailing_null_usage(payload)
+            if fast is not None:
+                return prefix + fast + terminator
         try:
             chunk = json.loads(payload)
         except (ValueError, RecursionError):

@@ -16,12 +16,12 @@ client nothing is retried: a failure then ends the stream with one in-band error
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
 import trio
 
 from trioproxy.balancer import AttemptResult, Balancer, backoff_delay, is_retryable
@@ -256,8 +256,8 @@ class Relay:
         held: bytes,
     ) -> None:
         """Stream the provider's answer to the client as it arrives, metering the same bytes."""
-        meter = ctx.meter = UsageMeter(ctx.kind, fmt)
         stripper = UsageChunkStripper() if ctx.strip_usage and upstream.status < 400 else None
+        meter = ctx.meter = UsageMeter(ctx.kind, fmt, framed_elsewhere=stripper is not None)
         headers = filter_response_headers(upstream.headers)
         headers.append((b"x-request-id", ctx.record.request_id.encode()))
         headers.extend(ctx.extra_headers)
@@ -268,8 +268,12 @@ class Relay:
         data = held
         while True:
             if data:
-                meter.feed(data)
-                out = stripper.feed(data) if stripper is not None else data
+                if stripper is not None:
+                    out, events = stripper.feed(data)
+                    meter.feed_events(events)
+                else:
+                    meter.feed(data)
+                    out = data
                 if out:
                     ctx.bytes_to_client += len(out)
                     await response.send(out)
@@ -277,7 +281,8 @@ class Relay:
             if not data:
                 break
         if stripper is not None:
-            tail = stripper.flush()
+            tail, events = stripper.flush()
+            meter.feed_events(events)
             if tail:
                 await response.send(tail)
         await response.end()
@@ -320,7 +325,7 @@ class Relay:
         if started is not None:
             entry["ms"] = round((trio.current_time() - started) * 1000.0, 3)
         ctx.log.append(entry)
-        ctx.record.attempt_log = json.dumps(ctx.log, separators=(",", ":"))
+        ctx.record.attempt_log = orjson.dumps(ctx.log).decode()
 
 
 async def send_error(

@@ -441,7 +441,12 @@ class UsageMeter:
     )
 
     def __init__(
-        self, kind: ProviderKind, fmt: StreamFormat, *, max_buffer: int = DEFAULT_MAX_BUFFER
+        self,
+        kind: ProviderKind,
+        fmt: StreamFormat,
+        *,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        framed_elsewhere: bool = False,
     ) -> None:
         self._kind = ProviderKind(kind)
         self._fmt = StreamFormat(fmt)
@@ -452,7 +457,8 @@ class UsageMeter:
         self._body = bytearray()
         # An SSE event may be a whole Responses-API response (response.completed), so the per-event cap is
         # the body cap rather than the framer's 1 MiB default.
-        self._framer = SSEFramer(max_event_bytes=max_buffer) if self._fmt is StreamFormat.SSE else None
+        sse_here = self._fmt is StreamFormat.SSE and not framed_elsewhere
+        self._framer = SSEFramer(max_event_bytes=max_buffer) if sse_here else None
         self._array = _ArraySplitter(max_buffer) if self._fmt is StreamFormat.JSON_ARRAY else None
         # Characters of generated text seen in stream events (escaped JSON length): the basis of an output
         # estimate when a stream breaks off before the provider reported its usage.
@@ -483,6 +489,14 @@ class UsageMeter:
             self._give_up()
         else:
             self._body += data
+
+    def feed_events(self, events: list[SSEEvent]) -> None:
+        """Take SSE events framed elsewhere (by the usage-chunk stripper, so an OpenAI stream is framed once).
+        For a meter made with ``framed_elsewhere=True``, instead of :meth:`feed`."""
+        if self._result is not None:
+            raise RuntimeError("UsageMeter.feed_events() after finish()")
+        if not self._gave_up:
+            self._on_events(events)
 
     def finish(self) -> Usage:
         """The usage read from the body; call at the end. Later calls return the same value."""

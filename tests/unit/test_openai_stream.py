@@ -117,7 +117,7 @@ def stream(*, usage: bool, obfuscation: bool = False, eol: str = "\n") -> bytes:
 
 def strip(*chunks: bytes) -> bytes:
     stripper = UsageChunkStripper()
-    return b"".join(stripper.feed(c) for c in chunks) + stripper.flush()
+    return b"".join(stripper.feed(c)[0] for c in chunks) + stripper.flush()[0]
 
 
 @pytest.mark.parametrize("obfuscation", [False, True])
@@ -132,6 +132,28 @@ def test_meter_still_reads_usage_from_the_unstripped_bytes() -> None:
     meter.feed(stream(usage=True))
     usage = meter.finish()
     assert (usage.input_tokens, usage.output_tokens, usage.complete) == (9, 2, True)
+
+
+@pytest.mark.parametrize("split", [1, 7, 64, 10_000])
+def test_meter_reads_the_events_the_stripper_framed(split: int) -> None:
+    """The relay frames an OpenAI stream once: the stripper's events feed the meter, unrewritten."""
+    data = stream(usage=True)
+    stripper = UsageChunkStripper()
+    meter = UsageMeter(ProviderKind.OPENAI, StreamFormat.SSE, framed_elsewhere=True)
+    sent = b""
+    for start in range(0, len(data), split):
+        out, events = stripper.feed(data[start : start + split])
+        meter.feed_events(events)
+        sent += out
+    tail, events = stripper.flush()
+    meter.feed_events(events)
+    sent += tail
+    usage = meter.finish()
+    assert (usage.input_tokens, usage.output_tokens, usage.complete) == (9, 2, True)
+    assert sent == stream(usage=False)
+    assert meter.generated_chars > 0
+    with pytest.raises(RuntimeError):
+        meter.feed_events([])
 
 
 @pytest.mark.parametrize(
@@ -175,11 +197,11 @@ def test_usage_chunk_is_dropped() -> None:
 def test_complete_events_are_released_immediately() -> None:
     stripper = UsageChunkStripper()
     first = f"data: {chunk({'content': 'a'})}\n\n".encode()
-    assert stripper.feed(first[:10]) == b""
-    assert stripper.feed(first[10:]) == f"data: {chunk({'content': 'a'}, usage=False)}\n\n".encode()
-    assert stripper.feed(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
-    assert stripper.feed(b'data: {"unfinished') == b""
-    assert stripper.flush() == b'data: {"unfinished'
+    assert stripper.feed(first[:10]) == (b"", [])
+    assert stripper.feed(first[10:])[0] == f"data: {chunk({'content': 'a'}, usage=False)}\n\n".encode()
+    assert stripper.feed(b"data: [DONE]\n\n")[0] == b"data: [DONE]\n\n"
+    assert stripper.feed(b'data: {"unfinished') == (b"", [])
+    assert stripper.flush() == (b'data: {"unfinished', [])
 
 
 def test_oversized_event_raises() -> None:
