@@ -38,7 +38,6 @@ from sqlalchemy import Engine
 
 from trioproxy.balancer import Balancer
 from trioproxy.balancer.active_checks import ActiveChecker
-from trioproxy.balancer.shared_state import SharedKeyStates
 from trioproxy.crypto import SecretBox, load_or_create_master_key
 from trioproxy.errors import ConfigError
 from trioproxy.forward import Forwarder
@@ -96,12 +95,14 @@ def open_store(settings: Settings) -> tuple[Engine, SecretBox]:
     """Prepare the database (blocking: run it in a thread): migrate the embedded SQLite, check the schema, seed
     prices on first start, and load (or create) the master key for secrets at rest."""
     url = settings.resolved_database_url
-    # A worker of `serve --workers N` finds the schema migrated by its supervisor, which ran this before it.
-    if settings.is_embedded_sqlite and settings.worker_index is None:
+    # A worker of `serve --workers N` finds the schema migrated and checked by its supervisor, which ran this
+    # before starting it (so a worker never loads Alembic).
+    worker = settings.worker_index is not None
+    if settings.is_embedded_sqlite and not worker:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         run_migrations(url)
     engine = create_engine_for(url)
-    if not migrations_current(engine):
+    if not worker and not migrations_current(engine):
         engine.dispose()
         raise ConfigError("the database schema is not current: run `trioproxy migrate` first")
     seed_prices_if_empty(engine)
@@ -156,6 +157,8 @@ async def run_gateway(
             await services.start(pool.run)
             await services.start(reloader.run)
             if settings.redis_url:
+                from trioproxy.balancer.shared_state import SharedKeyStates
+
                 await services.start(
                     SharedKeyStates(
                         balancer, settings.redis_url, prefix=f"{settings.redis_prefix}:balancer"

@@ -25,9 +25,8 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import coredis.exceptions
 import trio
 
 from trioproxy.limits.local import LocalBackend
@@ -57,13 +56,14 @@ from trioproxy.limits.model import (
     user_checks,
 )
 from trioproxy.limits.policy import FailurePolicy, LimitsSettings, RedisHealth
-from trioproxy.limits.redis_backend import RedisBackend
 from trioproxy.limits.seed import SpendQuery, SpendSource, no_spend, query_for
 from trioproxy.snapshot import GatewayKeyView, ProviderKeyView, Snapshot, UserLimitsView
 
+if TYPE_CHECKING:
+    from trioproxy.limits.redis_backend import RedisBackend
+
 logger = logging.getLogger(__name__)
 
-REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError, trio.TooSlowError)
 # Rounds of "seed the missing counters, then ask again" before giving up (a counter vanishing twice in a row).
 MAX_SEED_ROUNDS = 3
 # Parallel settlement tasks for Redis (one EVALSHA each, about 0.2 ms: some thousands per second each).
@@ -83,6 +83,10 @@ class Admission:
         self.settings = settings
         self._spend = spend
         self._redis = redis
+        # coredis is imported only when Redis is configured (it weighs ~14 MB per process): the exception
+        # classes come from the backend; without one, these never match.
+        self._redis_errors: tuple[type[BaseException], ...] = () if redis is None else redis.errors
+        self._redis_refusal: tuple[type[BaseException], ...] = () if redis is None else redis.refusal
         divisor = settings.instances
         # Without Redis the limits are exact in this process; N processes each get their share.
         self._local = LocalBackend("local", divisor=divisor) if redis is None else None
@@ -166,11 +170,11 @@ class Admission:
                 # the client hung up meanwhile, or it would hold its lease for minutes.
                 with trio.fail_after(self.settings.redis_timeout, shield=True):
                     answer = await self._redis.reserve(plan)
-            except coredis.exceptions.ResponseError as exc:
+            except self._redis_refusal as exc:
                 # Redis answered, with an error (a key of the wrong type, a script error): not an outage, so
                 # the other keys stay on Redis; this request gets the policy.
                 logger.error("limits: Redis rejected a decision: %s", exc)
-            except REDIS_ERRORS as exc:
+            except self._redis_errors as exc:
                 self._redis_failed(exc)
                 # The script may have run before the reply was lost: undo it once Redis is back.
                 self._enqueue(reservation_for(plan, self._redis.name), 0, 0, undo=True)
@@ -216,7 +220,7 @@ class Admission:
             try:
                 with trio.fail_after(self.settings.redis_timeout, shield=True):
                     await self._redis.seed(items, now)
-            except REDIS_ERRORS as exc:
+            except self._redis_errors as exc:
                 self._redis_failed(exc)  # the next round goes to the policy
             else:
                 self._redis_succeeded()
@@ -279,9 +283,9 @@ class Admission:
             try:
                 with trio.fail_after(self.settings.redis_timeout):
                     await self._redis.settle(*item[:3])
-            except coredis.exceptions.ResponseError as exc:
+            except self._redis_refusal as exc:
                 logger.error("limits: Redis rejected a settlement (dropped): %s", exc)  # retrying cannot help
-            except REDIS_ERRORS as exc:
+            except self._redis_errors as exc:
                 self._pending.appendleft(item)  # idempotent by its marker: a retry counts once
                 self._redis_failed(exc)
             except BaseException:
@@ -394,7 +398,7 @@ class Admission:
             try:
                 with trio.fail_after(self.settings.redis_timeout):
                     return self._redis.name, await self._redis.used(checks, now)
-            except REDIS_ERRORS as exc:
+            except self._redis_errors as exc:
                 self._redis_failed(exc)
         local = self._local if self._local is not None else self._fallback
         if local is None:
@@ -459,6 +463,8 @@ async def open_admission(settings: LimitsSettings, spend: SpendSource) -> AsyncI
     if settings.redis_url is None:
         yield Admission(settings, spend)
         return
+    from trioproxy.limits.redis_backend import RedisBackend
+
     async with RedisBackend.open(
         settings.redis_url,
         settings.redis_prefix,

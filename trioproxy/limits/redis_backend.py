@@ -32,6 +32,9 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import coredis.exceptions
+import trio
+
 from trioproxy.limits.model import (
     KEY_GRACE,
     RATE_WINDOW,
@@ -239,6 +242,15 @@ class RedisBackend:
     """Limits shared by every instance that points at the same Redis and prefix."""
 
     name = "redis"
+    # What a call may raise: an outage (connection, timeout) or Redis refusing a command (a script error, a
+    # key of the wrong type). The admission code catches these without importing coredis itself.
+    errors: tuple[type[BaseException], ...] = (
+        coredis.exceptions.RedisError,
+        OSError,
+        TimeoutError,
+        trio.TooSlowError,
+    )
+    refusal: tuple[type[BaseException], ...] = (coredis.exceptions.ResponseError,)
 
     def __init__(self, client: Any, prefix: str) -> None:
         self._client = client

@@ -22,18 +22,17 @@ import contextlib
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session
 
 from trioproxy.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 # Execution option that marks a connection whose transactions will write (SQLite: BEGIN IMMEDIATE).
 _WRITE_OPTION = "trioproxy_write"
@@ -159,6 +158,8 @@ def bump_config_version(conn: Connection | Session) -> int:
 
 
 def _alembic_config() -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     # Resolved from the installed package, so migrations work from any working directory.
     location = resources.files("migrations")
@@ -170,6 +171,8 @@ def run_migrations(url: str) -> None:
     """Upgrade the database at ``url`` to the newest schema (Alembic ``upgrade head``), in one transaction."""
     engine = create_engine_for(url)
     try:
+        from alembic import command
+
         cfg = _alembic_config()
         with write_transaction(engine) as conn:
             if conn.dialect.name == "postgresql":
@@ -182,6 +185,9 @@ def run_migrations(url: str) -> None:
 
 def migrations_current(engine: Engine) -> bool:
     """Whether the database's schema revision is the newest one this code knows."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     heads = set(ScriptDirectory.from_config(_alembic_config()).get_heads())
     with engine.connect() as conn:
         current = set(MigrationContext.configure(conn).get_current_heads())
