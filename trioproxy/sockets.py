@@ -98,6 +98,8 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:  # even for b"": trio's streams refuse any use after aclose
+            raise trio.ClosedResourceError("the connection was closed")
         sock = self._sock
         view = memoryview(data)
         waited = False
@@ -122,6 +124,8 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         A send that completes at once never builds a cancel scope (most writes of a proxy do).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:  # even for b"": trio's streams refuse any use after aclose
+            raise trio.ClosedResourceError("the connection was closed")
         sock = self._sock
         view = memoryview(data)
         waited = False
