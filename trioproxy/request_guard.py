@@ -42,6 +42,11 @@ _TOKEN_RE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _VERSION_RE = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
 _OWS = b" \t"
+# What the fast path of HeadScanner accepts without looking further: a token method, an origin-form target of
+# visible ASCII, HTTP/1.0 or 1.1; header lines of a token name without "_", optional whitespace, and a value
+# without control characters. Everything else goes through the line-by-line checks.
+_PLAIN_REQUEST_LINE_RE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+) (/[\x21-\x7e]*) HTTP/(1\.[01])")
+_PLAIN_FIELD_RE = re.compile(rb"([-!#$%&'*+.^`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 # Characters a field value may not hold (RFC 9110 section 5.5: CTLs but HTAB; CR and LF are caught earlier).
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -121,6 +126,10 @@ class HeadScanner:
         """Scan what has been fed so far; see the class docstring."""
         if self._head is not None:
             return self._head
+        if self._scanned == 0:
+            head = self._whole_head()
+            if head is not None:
+                return head
         buffer = self._buffer
         window_end = min(len(buffer), self._limits.max_header_bytes)
         while True:
@@ -149,6 +158,39 @@ class HeadScanner:
             else:
                 self._head = self._finish()
                 return self._head
+
+    def _whole_head(self) -> RequestHead | None:
+        """The usual case, at a fraction of the line-by-line cost: the whole head arrived in the first read and
+        every line is plainly well-formed. Anything unusual returns None, and the line-by-line scan (the only
+        one that refuses, with its precise reason) takes over from the start."""
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n", 0, self._limits.max_header_bytes)
+        if end <= 0:
+            return None
+        block = bytes(buffer[:end])
+        if block.count(b"\n") != block.count(b"\r"):  # a bare CR or LF somewhere: let the scan name it
+            return None
+        lines = block.split(b"\r\n")
+        if len(lines) - 1 > self._limits.max_header_count:
+            return None
+        request_line = _PLAIN_REQUEST_LINE_RE.fullmatch(lines[0])
+        if request_line is None or len(request_line[2]) > self._limits.max_target_bytes:
+            return None
+        method = request_line[1].decode("ascii")
+        if method == "CONNECT":
+            return None
+        headers: list[tuple[bytes, bytes]] = []
+        for line in lines[1:]:
+            field = _PLAIN_FIELD_RE.fullmatch(line)
+            if field is None:
+                return None
+            headers.append((field[1].lower(), field[2]))
+        self._request_line = (method, request_line[2].decode("ascii"), request_line[3].decode("ascii"))
+        self._headers = headers
+        self._method_end = self._target_end = 0  # only read while the request line is incomplete
+        self._scanned = self._line_start = end + 4
+        self._head = self._finish()
+        return self._head
 
     # -- the request line -----------------------------------------------------------------------------------
 

@@ -337,3 +337,70 @@ def test_guard_and_h11_agree_on_header_values(junk: bytes) -> None:
         return  # h11 refuses what the guard let through: the server answers h11's 4xx, still a rejection
     assert isinstance(event, h11.Request)
     assert list(event.headers) == list(head.headers)
+
+
+# -- the whole-head fast path agrees with the line-by-line scan ---------------------------------------------
+
+_LINE_PIECES = st.sampled_from(
+    [
+        b"Host: example.com",
+        b"host:x",
+        b"Content-Type: application/json",
+        b"Content-Length: 5",
+        b"Content-Length: 5, 5",
+        b"content-length: 99999999999",
+        b"Transfer-Encoding: chunked",
+        b"X-Under_score: 1",
+        b"X-Tab: a\tb",
+        b"X-Ctl: a\x01b",
+        b"X-Del: a\x7fb",
+        b" folded",
+        b"\tfolded",
+        b"No-Colon",
+        b"Sp ace: 1",
+        b"X-Empty:",
+        b"X-Ows:   padded   ",
+        b"Upgrade: h2c",
+        b"X-Cr: a\rb",
+        b"X-High: caf\xc3\xa9",
+        b"",
+    ]
+)
+_REQUEST_LINES = st.sampled_from(
+    [
+        b"GET / HTTP/1.1",
+        b"POST /v1/chat/completions?x=1 HTTP/1.1",
+        b"GET / HTTP/1.0",
+        b"GET / HTTP/2.0",
+        b"CONNECT / HTTP/1.1",
+        b"GET http://x/ HTTP/1.1",
+        b"GET  / HTTP/1.1",
+        b"G@T / HTTP/1.1",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1",
+        b"",
+    ]
+)
+
+
+def _verdict(data: bytes, chunks: list[int] | None) -> object:
+    try:
+        head = scan(data, chunks=chunks)
+    except RequestRejected as exc:
+        return (exc.status_hint, exc.message)
+    return head
+
+
+@settings(max_examples=examples(300))
+@given(
+    _REQUEST_LINES,
+    st.lists(_LINE_PIECES, max_size=8),
+    st.sampled_from([b"\r\n", b"\n", b"\r\n\r\n"]),
+    st.binary(max_size=8),
+)
+def test_whole_head_fast_path_agrees_with_the_line_by_line_scan(
+    request_line: bytes, lines: list[bytes], eol: bytes, rest: bytes
+) -> None:
+    """Fed in one piece, a head may take the fast path; fed a byte at a time it never does. Both must give
+    the same head, or the same refusal (status and reason), or both wait."""
+    data = b"\r\n".join([request_line, *lines]) + b"\r\n" + eol + rest
+    assert _verdict(data, None) == _verdict(data, list(range(1, len(data))))
