@@ -19,6 +19,7 @@ Headers are ``list[tuple[bytes, bytes]]`` with lower-case names, as h11 yields t
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -188,6 +189,13 @@ def check_extra_headers(extra_headers: Iterable[tuple[str, str]]) -> None:
     _check_extra(extra_headers, ValidationError)
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_field_text(text: str) -> bool:
+    """Whether ``text`` may be sent as a header value. Remembered: hosts, user agents and secrets come from
+    the configuration and repeat on every request (a request id is new each time, and cheap to check)."""
+    return bool(text) and text.isascii() and _FIELD_VALUE.fullmatch(text.encode("ascii")) is not None
+
+
 def _check_extra(extra_headers: Iterable[tuple[str, str]], error: type[TrioProxyError]) -> None:
     for name, value in extra_headers:
         raw_name = name.encode("ascii", "replace")
@@ -217,11 +225,12 @@ def build_upstream_headers(
     (the configuration is wrong, not the client); messages never contain the secret.
     """
     for label, text in (("host", host), ("user agent", user_agent), ("request id", request_id)):
-        if not text.isascii() or not text or not _FIELD_VALUE.fullmatch(text.encode("ascii")):
+        if not _is_field_text(text):
             raise ConfigError(f"the upstream {label} is not a valid header value")
-    if not secret.isascii() or not secret or not _FIELD_VALUE.fullmatch(secret.encode("ascii")):
+    if not _is_field_text(secret):
         raise ConfigError("the provider key's secret is not a valid header value")
-    _check_extra(extra_headers, ConfigError)
+    if extra_headers:
+        _check_extra(extra_headers, ConfigError)
 
     allowed = {**_COMMON_ALLOWED, **_DIALECT_ALLOWED[kind]}
     out: list[tuple[bytes, bytes]] = [(b"host", host.encode("ascii"))]
