@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import shutil
 import subprocess
 import sys
@@ -29,25 +30,55 @@ from bench.scenarios import body_for
 
 # Buckets by the file of the innermost frame; first match wins. Order: most specific first.
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("h11", ("(h11/",)),
-    ("trio runtime", ("(trio/",)),
-    ("sqlalchemy + sqlite (metering writer)", ("(sqlalchemy/", "sqlite3")),
-    ("json", ("(json/", "orjson")),
-    ("trioproxy: server/exchange/guard", ("trioproxy/server.py", "trioproxy/exchange.py", "request_guard")),
-    ("trioproxy: forward/relay", ("trioproxy/forward.py", "trioproxy/relay.py")),
-    ("trioproxy: pool/upstream", ("trioproxy/pool.py", "trioproxy/upstream_conn.py")),
+    ("h11 (not on the hot path any more)", ("(h11/",)),
+    ("trio runtime (scheduler, cancel scopes, epoll)", ("(trio/", "(outcome/")),
+    ("sqlalchemy + sqlite3 (metering writer thread)", ("(sqlalchemy/", "sqlite3", "trioproxy/store/")),
+    ("json / orjson", ("(json/", "orjson")),
     (
-        "trioproxy: usage/sse/stream",
+        "HTTP layer: server, head parser, framing, sockets",
+        (
+            "trioproxy/server.py",
+            "trioproxy/exchange.py",
+            "request_guard",
+            "trioproxy/http1.py",
+            "trioproxy/sockets.py",
+        ),
+    ),
+    ("upstream pool and connections", ("trioproxy/pool.py", "trioproxy/upstream_conn.py")),
+    (
+        "auth, routes, header policy",
+        ("gateway_keys.py", "trioproxy/routes.py", "trioproxy/headers.py", "dialects.py"),
+    ),
+    ("forwarder and relay (attempts, records)", ("trioproxy/forward.py", "trioproxy/relay.py", "records.py")),
+    (
+        "usage metering (SSE, JSON)",
         ("trioproxy/usage.py", "trioproxy/sse.py", "openai_stream", "first_event"),
     ),
-    ("trioproxy: balancer/limits", ("trioproxy/balancer/", "trioproxy/limits/")),
-    (
-        "trioproxy: metering/metrics/records",
-        ("metering.py", "metrics.py", "records.py", "spool.py", "store/"),
-    ),
+    ("balancer and limits", ("trioproxy/balancer/", "trioproxy/limits/")),
+    ("metrics, metering queue, pricing", ("metering.py", "metrics.py", "spool.py", "pricing.py")),
     ("trioproxy: other", ("trioproxy/",)),
-    ("prometheus_client", ("(prometheus_client/",)),
-    ("python stdlib", ("(contextlib", "(uuid", "(enum", "(socket", "(selectors", "(threading", "(abc", "(<")),
+    (
+        "python stdlib (contextlib, uuid, threading, ...)",
+        (
+            "(contextlib",
+            "(uuid",
+            "(enum",
+            "(socket",
+            "(selectors",
+            "(threading",
+            "(abc",
+            "(<",
+            "(typing",
+            "(dataclasses",
+            "(urllib",
+            "(re/",
+            "(ipaddress",
+            "(datetime",
+            "(decimal",
+            "(functools",
+            "(collections",
+        ),
+    ),
 )
 
 
@@ -68,7 +99,7 @@ def summarise(collapsed: str, top: int = 25) -> str:
         if not count_text.isdigit():
             continue
         count = int(count_text)
-        leaf = stack.split(";")[-1]
+        leaf = re.sub(r":\d+\)$", ")", stack.split(";")[-1])  # by function, not by line
         total += count
         buckets[_bucket(leaf)] += count
         functions[leaf] += count
