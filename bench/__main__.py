@@ -17,7 +17,7 @@ and then:
 - prints the same tables on stdout.
 
 ``--no-write`` only prints. Lanes: ``direct``, ``trioproxy-1``, ``trioproxy-bare`` (the same forwarder without the gateway:
-bench/bare.py), ``trioproxy-workers`` (``--workers N``, default
+bench/bare.py), ``trioproxy-workers``, ``litellm-workers`` (``--num_workers N``) (``--workers N``, default
 one per core), ``nginx`` (when installed), ``litellm`` (when installed); a missing one is reported as skipped.
 """
 
@@ -43,7 +43,15 @@ from bench import loadgen, report, upstreams
 from bench.scenarios import FULL, QUICK, SCENARIOS, Runner
 
 ROOT = Path(__file__).resolve().parent.parent
-LANE_CHOICES = ("direct", "nginx", "trioproxy-1", "trioproxy-bare", "trioproxy-workers", "litellm")
+LANE_CHOICES = (
+    "direct",
+    "nginx",
+    "trioproxy-1",
+    "trioproxy-bare",
+    "trioproxy-workers",
+    "litellm",
+    "litellm-workers",
+)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -200,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                 lanes.append(lanes_mod.nginx_lane(workdir, ups, proxy_cpu))
             elif name == "litellm":
                 lanes.append(lanes_mod.litellm_lane(workdir, ups, proxy_cpu))
+            elif name == "litellm-workers":
+                cpus = lanes_mod.all_cpus() if multi_cpu else None
+                lanes.append(lanes_mod.litellm_lane(workdir, ups, cpus, workers=args.workers))
             elif name == "trioproxy-bare":
                 lanes.append(lanes_mod.bare_lane(workdir, ups, proxy_cpu))
         if {"trioproxy-1", "trioproxy-workers"} & set(args.lane_names):

@@ -505,13 +505,13 @@ def litellm_path() -> str | None:
     return str(beside) if beside.exists() else shutil.which("litellm")
 
 
-def litellm_lane(workdir: Path, upstreams: Upstreams, cpu: str | None) -> Lane:
-    """LiteLLM's proxy as perf-anchors.md §1.4 ran it (master-key auth, no database), when installed."""
+def litellm_lane(workdir: Path, upstreams: Upstreams, cpu: str | None, workers: int = 1) -> Lane:
+    """LiteLLM's proxy as perf-anchors.md §1.4 ran it (master-key auth, no database), when installed; with
+    ``workers`` > 1 the ``litellm-Nw`` lane (``--num_workers N``, unpinned like trioproxy's workers)."""
+    name = "litellm" if workers == 1 else f"litellm-{workers}w"
     litellm = litellm_path()
     if litellm is None:
-        return Lane(
-            "litellm", "LiteLLM proxy", skipped="LiteLLM is not installed (`litellm` not on the PATH)"
-        )
+        return Lane(name, "LiteLLM proxy", skipped="LiteLLM is not installed (`litellm` not on the PATH)")
     port = free_port()
     client_key = "sk-client-bench"
     models = "\n".join(
@@ -519,7 +519,7 @@ def litellm_lane(workdir: Path, upstreams: Upstreams, cpu: str | None) -> Lane:
         f"      api_base: {upstreams.base_url(scenario)}/v1\n      api_key: {upstream_key()}"
         for scenario in SCENARIO_KINDS
     )
-    conf = workdir / "litellm.yaml"
+    conf = workdir / f"{name}.yaml"
     conf.write_text(_LITELLM_CONFIG.format(models=models, client_key=client_key))
     env = {
         **os.environ,
@@ -538,20 +538,21 @@ def litellm_lane(workdir: Path, upstreams: Upstreams, cpu: str | None) -> Lane:
         "--port",
         str(port),
         "--num_workers",
-        "1",
+        str(workers),
         # uvicorn closes idle keep-alive connections after 5 s by default; the idle scenario holds them longer.
         "--keepalive_timeout",
         "300",
     ]
-    process = start_process("litellm", command, workdir, env=env, wait_port=port)
+    process = start_process(name, command, workdir, env=env, wait_port=port)
     done = subprocess.run([litellm, "--version"], capture_output=True, text=True, check=False, env=env)
     auth = (("authorization", f"Bearer {client_key}"),)
     lane = Lane(
-        "litellm",
-        "LiteLLM proxy, 1 worker (master key, no database)",
+        name,
+        f"LiteLLM proxy, {workers} worker{'s' if workers > 1 else ''} (master key, no database)",
         processes=[process],
         version=f"litellm {(done.stdout or done.stderr).strip().splitlines()[-1] if (done.stdout or done.stderr).strip() else '?'}",
-        command="litellm --config litellm.yaml --num_workers 1",
+        command=f"litellm --config litellm.yaml --num_workers {workers}",
+        workers=workers,
     )
     # LiteLLM routes by model name, so each scenario has its own model.
     lane.targets = {

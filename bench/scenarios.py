@@ -86,6 +86,7 @@ class Mode:
     soak_rate: float
     soak_sample_seconds: float
     soak_all_trioproxy_lanes: bool
+    soak_settle_seconds: float  # how long the fds may take to return to baseline after the soak
     warmup_seconds: float
 
 
@@ -106,6 +107,7 @@ QUICK = Mode(
     soak_rate=200.0,
     soak_sample_seconds=1.0,
     soak_all_trioproxy_lanes=False,
+    soak_settle_seconds=5.0,
     warmup_seconds=1.0,
 )
 FULL = Mode(
@@ -125,6 +127,7 @@ FULL = Mode(
     soak_rate=300.0,
     soak_sample_seconds=5.0,
     soak_all_trioproxy_lanes=True,
+    soak_settle_seconds=90.0,
     warmup_seconds=3.0,
 )
 
@@ -430,9 +433,18 @@ class Runner:
             result = await client.run(rate, seconds)
             sampler.cancel()
         await client.aclose()
+        # Back to baseline means: client connections closed, and the upstream keep-alive connections a burst
+        # opened expired from the pool (60 s idle by default). Poll until then, bounded.
+        settle_started = time.perf_counter()
         await trio.sleep(1.5)
-        pids = lane.pids()
-        fds_after, rss_after = open_fds(pids), memory(pids)["rss_mb"]
+        while True:
+            pids = lane.pids()
+            fds_after = open_fds(pids)
+            waited = time.perf_counter() - settle_started
+            if fds_after <= fds_baseline + 2 or waited >= self.mode.soak_settle_seconds:
+                break
+            await trio.sleep(1.0)
+        rss_after = memory(pids)["rss_mb"]
         tail = [(t, rss) for t, rss, _ in samples if t >= 0.2 * seconds]
         return {
             "rate": rate,
@@ -448,6 +460,7 @@ class Runner:
             "fds_baseline": fds_baseline,
             "fds_peak": max((f for _, _, f in samples), default=0),
             "fds_after": fds_after,
+            "fds_settle_seconds": round(waited, 1),
             "samples": [[round(t, 2), round(r, 3), f] for t, r, f in samples],
         }
 
