@@ -15,6 +15,7 @@ import trio
 from tests.integration.harness import UPSTREAM_SECRET, Stack, running_stack
 from trioproxy.store.provisioning import set_gateway_key_enabled
 from trioproxy.testing.fake_upstream import FakeUpstream, Fault
+from trioproxy.upstream_conn import SLOW_WAIT
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -317,7 +318,7 @@ async def test_client_leaving_while_the_provider_thinks_cancels_the_upstream(tmp
         with trio.fail_after(5):
             while stack.fake.open_connections == 0:
                 await trio.sleep(0.01)
-        await trio.sleep(0.2)  # past SLOW_WAIT: the gateway now watches the client
+        await trio.sleep(SLOW_WAIT + 0.2)  # the gateway now watches the client
         left_at = trio.current_time()
         await sock.aclose()
         with trio.fail_after(2):
