@@ -454,7 +454,11 @@ def _render_targets(scenarios: dict[str, Any]) -> list[str]:
         return "met" if (value >= limit if at_least else value <= limit) else "missed"
 
     multi = next(
-        (lane for lane in scenarios.get("small", {}).get("data", {}).get("runs", {}) if lane.endswith("w")),
+        (
+            lane
+            for lane in scenarios.get("small", {}).get("data", {}).get("runs", {})
+            if lane.startswith("trioproxy-") and lane.endswith("w")
+        ),
         None,
     )
     one, direct = closed("small", "trioproxy-1", 1), closed("small", "direct", 1)
