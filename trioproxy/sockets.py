@@ -21,6 +21,7 @@ while the handler runs; the pool hands an upstream connection to one request). T
 from __future__ import annotations
 
 import errno
+import math
 import select
 import socket
 
@@ -80,43 +81,12 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             raise _translate(exc) from exc
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        size = RECEIVE_SIZE if max_bytes is None else max_bytes
-        sock = self._sock
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("the connection was closed")
-            try:
-                data = sock.recv(size)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)  # the scheduler runs others meanwhile
-                continue
-            except OSError as exc:
-                raise _translate(exc) from exc
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        data = await self.receive_some_before(math.inf, max_bytes)
+        assert data is not None  # no deadline: it cannot pass
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._closed:  # even for b"": trio's streams refuse any use after aclose
-            raise trio.ClosedResourceError("the connection was closed")
-        sock = self._sock
-        view = memoryview(data)
-        waited = False
-        while view:
-            if self._closed:
-                raise trio.ClosedResourceError("the connection was closed")
-            try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                waited = True
-                continue
-            except OSError as exc:
-                raise _translate(exc) from exc
-            view = view[sent:]
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        await self.send_all_before(data, math.inf)
 
     async def send_all_before(self, data: bytes | bytearray | memoryview, deadline: float) -> bool:
         """:meth:`send_all`, giving up at ``deadline`` (trio time): False then, and the stream is mid-message.

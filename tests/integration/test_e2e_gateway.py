@@ -277,16 +277,22 @@ async def _raw_stream(stack: Stack, target: bytes, body: bytes) -> bytes:
     return received
 
 
+async def _send_raw_chat(stack: Stack, chat: dict[str, Any]) -> trio.SocketStream:
+    """A chat completion request written on a raw socket (so the test controls how the client leaves)."""
+    sock = await trio.open_tcp_stream("127.0.0.1", stack.gateway.proxy_port)
+    body = json.dumps(chat).encode()
+    await sock.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer " + stack.keys["openai"].encode() + b"\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    return sock
+
+
 async def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) -> None:
     fake = FakeUpstream(accepted_keys=(UPSTREAM_SECRET,), events=200, chunk_delay=0.05)
     async with running_stack(tmp_path, fake=fake) as stack:
-        sock = await trio.open_tcp_stream("127.0.0.1", stack.gateway.proxy_port)
-        body = json.dumps(CHAT | {"stream": True}).encode()
-        await sock.send_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-            b"authorization: Bearer " + stack.keys["openai"].encode() + b"\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        sock = await _send_raw_chat(stack, CHAT | {"stream": True})
         with trio.fail_after(5):
             first = await sock.receive_some(65536)
         assert b"200" in first.split(b"\r\n", 1)[0]
@@ -308,13 +314,7 @@ async def test_client_leaving_while_the_provider_thinks_cancels_the_upstream(tmp
     fake = FakeUpstream(accepted_keys=(UPSTREAM_SECRET,))
     fake.add_fault(Fault(first_byte_delay=30.0))
     async with running_stack(tmp_path, fake=fake) as stack:
-        sock = await trio.open_tcp_stream("127.0.0.1", stack.gateway.proxy_port)
-        body = json.dumps(CHAT).encode()
-        await sock.send_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-            b"authorization: Bearer " + stack.keys["openai"].encode() + b"\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        sock = await _send_raw_chat(stack, CHAT)
         with trio.fail_after(5):
             while stack.fake.open_connections == 0:
                 await trio.sleep(0.01)
