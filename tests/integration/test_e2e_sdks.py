@@ -58,17 +58,17 @@ def _assert_upstream_saw_only_pooled_key(stack: Stack, gateway_key: str) -> None
 
 async def test_openai_chat_non_stream(tmp_path: Path) -> None:
     async with running_stack(tmp_path, fake=_fake()) as stack:
-        client = _openai(stack)
-        completion = await _in_thread(
-            lambda: client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        with _openai(stack) as client:
+            completion = await _in_thread(
+                lambda: client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                )
             )
-        )
-        assert completion.choices[0].message.content
-        assert completion.usage is not None
-        assert completion.usage.prompt_tokens == USAGE.input_tokens + USAGE.cache_read_tokens
-        [row] = await stack.rows(1)
-        _assert_upstream_saw_only_pooled_key(stack, stack.keys["openai"])
+            assert completion.choices[0].message.content
+            assert completion.usage is not None
+            assert completion.usage.prompt_tokens == USAGE.input_tokens + USAGE.cache_read_tokens
+            [row] = await stack.rows(1)
+            _assert_upstream_saw_only_pooled_key(stack, stack.keys["openai"])
     assert row["route"] == "openai.chat_completions"
     assert row["status"] == 200
     assert row["outcome"] == "ok"
@@ -93,18 +93,18 @@ async def test_openai_chat_stream_usage_chunk_only_when_asked(
     tmp_path: Path, client_asks_usage: bool
 ) -> None:
     async with running_stack(tmp_path, fake=_fake()) as stack:
-        client = _openai(stack)
-        extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if client_asks_usage else {}
+        with _openai(stack) as client:
+            extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if client_asks_usage else {}
 
-        def consume() -> list[Any]:
-            stream = client.chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True, **extra
-            )
-            return list(stream)
+            def consume() -> list[Any]:
+                stream = client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True, **extra
+                )
+                return list(stream)
 
-        chunks = await _in_thread(consume)
-        [row] = await stack.rows(1)
-        upstream_body = stack.fake.captured[-1].body
+            chunks = await _in_thread(consume)
+            [row] = await stack.rows(1)
+            upstream_body = stack.fake.captured[-1].body
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     usage_chunks = [c for c in chunks if c.usage is not None]
@@ -125,25 +125,25 @@ async def test_openai_chat_stream_usage_chunk_only_when_asked(
 
 async def test_openai_embeddings_models_and_responses(tmp_path: Path) -> None:
     async with running_stack(tmp_path, fake=_fake()) as stack:
-        client = _openai(stack)
-        embedding = await _in_thread(
-            lambda: client.embeddings.create(model="text-embedding-3-small", input="hello")
-        )
-        assert embedding.data and embedding.data[0].embedding
-        models = await _in_thread(lambda: list(client.models.list()))
-        assert models
-        response = await _in_thread(lambda: client.responses.create(model="gpt-4.1", input="hi"))
-        assert response.output_text
+        with _openai(stack) as client:
+            embedding = await _in_thread(
+                lambda: client.embeddings.create(model="text-embedding-3-small", input="hello")
+            )
+            assert embedding.data and embedding.data[0].embedding
+            models = await _in_thread(lambda: list(client.models.list()))
+            assert models
+            response = await _in_thread(lambda: client.responses.create(model="gpt-4.1", input="hi"))
+            assert response.output_text
 
-        def stream_response() -> list[Any]:
-            with client.responses.stream(model="gpt-4.1", input="hi") as stream:
-                events = list(stream)
-                stream.get_final_response()
-            return events
+            def stream_response() -> list[Any]:
+                with client.responses.stream(model="gpt-4.1", input="hi") as stream:
+                    events = list(stream)
+                    stream.get_final_response()
+                return events
 
-        events = await _in_thread(stream_response)
-        assert any(e.type == "response.completed" for e in events)
-        rows = await stack.rows(4)
+            events = await _in_thread(stream_response)
+            assert any(e.type == "response.completed" for e in events)
+            rows = await stack.rows(4)
     by_route: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_route.setdefault(row["route"], []).append(row)
@@ -161,34 +161,34 @@ async def test_anthropic_messages_stream_and_non_stream(tmp_path: Path) -> None:
     usage = FakeUsage(input_tokens=50, output_tokens=25, cache_read_tokens=10, cache_write_tokens=8)
     fake = FakeUpstream(accepted_keys=(UPSTREAM_SECRET,), usage=usage, events=3)
     async with running_stack(tmp_path, fake=fake) as stack:
-        client = _anthropic(stack)
-        message = await _in_thread(
-            lambda: client.messages.create(
-                model="claude-haiku-4-5",
-                max_tokens=64,
-                messages=[{"role": "user", "content": "hi"}],
+        with _anthropic(stack) as client:
+            message = await _in_thread(
+                lambda: client.messages.create(
+                    model="claude-haiku-4-5",
+                    max_tokens=64,
+                    messages=[{"role": "user", "content": "hi"}],
+                )
             )
-        )
-        assert message.content[0].type == "text"
+            assert message.content[0].type == "text"
 
-        def stream() -> str:
-            with client.messages.stream(
-                model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
-            ) as s:
-                text = "".join(s.text_stream)
-                final = s.get_final_message()
-            assert final.usage.output_tokens == usage.output_tokens
-            return text
+            def stream() -> str:
+                with client.messages.stream(
+                    model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+                ) as s:
+                    text = "".join(s.text_stream)
+                    final = s.get_final_message()
+                assert final.usage.output_tokens == usage.output_tokens
+                return text
 
-        assert await _in_thread(stream)
-        count = await _in_thread(
-            lambda: client.messages.count_tokens(
-                model="claude-haiku-4-5", messages=[{"role": "user", "content": "hi"}]
+            assert await _in_thread(stream)
+            count = await _in_thread(
+                lambda: client.messages.count_tokens(
+                    model="claude-haiku-4-5", messages=[{"role": "user", "content": "hi"}]
+                )
             )
-        )
-        assert count.input_tokens > 0
-        rows = await stack.rows(3)
-        headers = dict(stack.fake.captured[0].headers)
+            assert count.input_tokens > 0
+            rows = await stack.rows(3)
+            headers = dict(stack.fake.captured[0].headers)
     assert headers["x-api-key"] == UPSTREAM_SECRET
     assert "anthropic-version" in headers
     count_row, stream_row, plain_row = rows
