@@ -215,7 +215,7 @@ class _DisconnectWatch:
     earlier is noticed then, or by the next write.
     """
 
-    __slots__ = ("_connection", "_disconnected", "_done", "_handler_scope", "_scope", "kept")
+    __slots__ = ("_connection", "_disconnected", "_done", "_handler_scope", "_scope", "_stopped", "kept")
 
     def __init__(
         self, connection: _Connection, handler_scope: trio.CancelScope, disconnected: trio.Event
@@ -225,12 +225,13 @@ class _DisconnectWatch:
         self._disconnected = disconnected
         self._scope: trio.CancelScope | None = None
         self._done: trio.Event | None = None
+        self._stopped = False
         self.kept = bytearray()  # bytes of a pipelined next request read meanwhile
 
     def start(self) -> None:
         """Start watching (idempotent; a no-op once the request is answered)."""
         nursery = self._connection.nursery
-        if self._done is not None or nursery is None:
+        if self._done is not None or self._stopped or nursery is None:
             return
         self._done = trio.Event()
         self._scope = trio.CancelScope()
@@ -238,9 +239,8 @@ class _DisconnectWatch:
 
     async def stop(self) -> None:
         """Stop the watcher if it started, and wait until it let go of the socket."""
+        self._stopped = True  # a late start() does nothing
         if self._done is None or self._scope is None:
-            self._done = trio.Event()  # so a late start() does nothing
-            self._done.set()
             return
         self._scope.cancel()
         await self._done.wait()
