@@ -2,7 +2,8 @@
 
 The figures come from :class:`trioproxy.metrics.Metrics` (``RunningGateway.metrics``, fed once per request by
 the forwarder) and from the gateway's current state, read at scrape time (:class:`trioproxy.metrics.StateCollector`).
-With ``serve --workers N`` the admin API runs in worker 0 and shows that worker's data plane.
+With ``serve --workers N`` the admin API runs in worker 0 and gathers every worker's figures through the
+supervisor: counters and histograms are summed (:mod:`trioproxy.worker_reports`).
 
 Access: Prometheus cannot hold a 15-minute JWT, so the route does not take one. With ``metrics_token`` set
 (``TRIOPROXY_METRICS_TOKEN``) a scraper must send it as ``Authorization: Bearer <token>`` (Prometheus'
@@ -24,8 +25,9 @@ from quart_schema import document_response, tag
 from admin.errors import unauthorized
 from admin.rbac import Access, requires
 from admin.schemas import Output
-from admin.state import get_state
+from admin.state import gather_reports, get_state
 from trioproxy.metrics import Metrics
+from trioproxy.worker_reports import merge_metric_families, render_families
 
 bp = Blueprint("metrics", __name__)
 
@@ -56,6 +58,9 @@ async def metrics() -> Response:
         if not hmac.compare_digest(presented.encode(), f"Bearer {expected}".encode()):
             raise unauthorized("send the metrics token as a bearer token")
     gateway = state.gateway
-    # Without a proxy in this process there is nothing to count but the version (a fresh, empty registry).
-    body = gateway.metrics.render(gateway) if gateway is not None else Metrics().render()
+    if gateway is None:
+        # Without a proxy in this process there is nothing to count but the version (a fresh, empty registry).
+        body = Metrics().render()
+    else:
+        body = render_families(merge_metric_families(await gather_reports(gateway, "metrics")))
     return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)

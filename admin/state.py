@@ -83,3 +83,20 @@ def get_state() -> AdminState:
     state: Any = current_app.extensions[EXTENSION]
     assert isinstance(state, AdminState)
     return state
+
+
+async def gather_reports(gateway: RunningGateway, kind: str) -> list[Any]:
+    """Every worker's report of ``kind`` (one, this process's, outside ``serve --workers N``); 503 when the
+    supervisor cannot be reached."""
+    from admin.errors import ApiError
+    from trioproxy.ipc import ChannelClosed, RemoteError
+
+    try:
+        return await gateway.gather(kind)
+    except (ChannelClosed, RemoteError, trio.TooSlowError) as exc:
+        raise ApiError(
+            503,
+            "unavailable",
+            f"the workers' {kind} could not be gathered ({type(exc).__name__})",
+            headers={"Retry-After": "1"},
+        ) from exc

@@ -334,9 +334,7 @@ def trioproxy_lane(
     """``workers=None``: the single process; else the supervisor with N workers."""
     port = free_port()
     name = "trioproxy-1" if workers is None else f"trioproxy-{workers}w"
-    command = [sys.executable, "-m", "trioproxy", "serve"]
-    if workers is not None:
-        command += ["--workers", str(workers)]
+    command = [sys.executable, "-m", "trioproxy", "serve", "--workers", str(workers or 1)]
     command = [*pinned(cpu), *command]
     process = start_process(name, command, workdir, env=trioproxy_env(data_dir, port), wait_port=port)
     if workers is not None:
@@ -390,7 +388,7 @@ def bare_lane(workdir: Path, upstreams: Upstreams, cpu: str | None) -> Lane:
 def _wait_workers(process: Process, workers: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if f"({workers} workers)" in process.log.read_text(errors="replace"):
+        if f"trioproxy: {workers} workers ready" in process.log.read_text(errors="replace"):
             return
         if process.popen.poll() is not None:
             raise RuntimeError(f"{process.name} exited with status {process.popen.returncode}")

@@ -26,13 +26,16 @@ at import time.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import gc
 import logging
 import signal
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from sqlalchemy import Engine
@@ -54,6 +57,8 @@ from trioproxy.store.db import create_engine_for, migrations_current, run_migrat
 from trioproxy.store.prices import seed_prices_if_empty
 from trioproxy.store.request_log import insert_request_records
 from trioproxy.store.snapshot_loader import load_snapshot, read_config_version
+from trioproxy.worker_link import LinkedKeyStates, SupervisorLink
+from trioproxy.worker_reports import metric_families
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +90,60 @@ class RunningGateway:
     admission: Admission
     admin_port: int | None = None  # None: no control plane in this process
     metrics: Metrics = field(default_factory=Metrics)  # what the requests did, for /metrics
+    # Under `serve --workers N`: the channel to the supervisor, through which the admin plane gathers the
+    # reports of every worker (None in a single process).
+    link: SupervisorLink | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def request_stop(self) -> None:
         """Begin the graceful shutdown; the nursery that started the gateway waits for it to finish."""
         self._stop.set()
+
+    def data_plane_state(self) -> dict[str, Any]:
+        """This process's data plane right now, ready for JSON (the admin plane's detailed health)."""
+        return {
+            "running": True,
+            "proxy_port": self.proxy_port,
+            "config_version": self.snapshots.current.version,
+            "in_flight": self.server.active_requests,
+            "connections": dataclasses.asdict(self.pool.stats()),
+            "metering": dataclasses.asdict(self.metering.stats),
+        }
+
+    async def gather(self, kind: str) -> list[Any]:
+        """Every worker's report of ``kind`` ("metrics", "balancer", "data_plane"), by worker index: one, this
+        process's, outside a worker group. Raises what :meth:`SupervisorLink.gather` raises."""
+        if self.link is None:
+            return [_report(self, kind)]
+        return await self.link.gather(kind)
+
+
+def _report(gateway: RunningGateway, kind: str) -> Any:
+    if kind == "metrics":
+        return metric_families(gateway.metrics, gateway)
+    if kind == "balancer":
+        return gateway.balancer.status(gateway.snapshots.current, now=trio.current_time())
+    if kind == "data_plane":
+        return gateway.data_plane_state()
+    raise LookupError(f"no report {kind!r}")
+
+
+def _add_reporters(link: SupervisorLink, gateway: RunningGateway) -> None:
+    for kind in ("metrics", "balancer", "data_plane"):
+        link.add_reporter(kind, functools.partial(_report, gateway, kind))
+
+
+@contextlib.asynccontextmanager
+async def _supervisor_link(settings: Settings) -> AsyncIterator[SupervisorLink | None]:
+    """The channel to the supervisor of a worker group, running for the block; None outside a group."""
+    if settings.supervisor_fd is None or settings.worker_index is None:
+        yield None
+        return
+    link = SupervisorLink(settings.supervisor_fd, settings.worker_index)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        yield link
+        nursery.cancel_scope.cancel()
 
 
 def open_store(settings: Settings) -> tuple[Engine, SecretBox]:
@@ -148,7 +202,13 @@ async def run_gateway(
             instances=settings.instances,
         )
         async with (
-            open_admission(limits, functools.partial(database_spend, engine)) as admission,
+            _supervisor_link(settings) as link,
+            open_admission(
+                limits,
+                functools.partial(database_spend, engine),
+                link,
+                processes=settings.instances * (settings.worker_count or 1),
+            ) as admission,
             trio.open_nursery() as services,
         ):
             metrics = Metrics()
@@ -165,6 +225,8 @@ async def run_gateway(
                         balancer, settings.redis_url, prefix=f"{settings.redis_prefix}:balancer"
                     ).run
                 )
+            elif link is not None:
+                await services.start(LinkedKeyStates(balancer, link, lambda: snapshots.current).run)
             if settings.active_health_checks:
                 checker = ActiveChecker(
                     balancer,
@@ -192,7 +254,10 @@ async def run_gateway(
                     balancer=balancer,
                     admission=admission,
                     metrics=metrics,
+                    link=link,
                 )
+                if link is not None:
+                    _add_reporters(link, gateway)
                 logger.info("proxy listening on %s:%s", settings.proxy_host, port)
                 if control_plane is not None:
                     gateway.admin_port = await services.start(

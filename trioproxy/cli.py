@@ -212,10 +212,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> Any:
     from trioproxy.workers import default_worker_count, serve_workers
 
     control_plane = f"{run_control_plane.__module__}:{run_control_plane.__name__}"
-    if args.workers is None:
-        serve_forever(settings, run_control_plane)
-    elif args.workers == "auto":
-        serve_workers(settings, default_worker_count(), control_plane)
+    if args.workers == "auto":
+        count = default_worker_count()
     else:
         try:
             count = int(args.workers)
@@ -225,6 +223,9 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> Any:
             ) from None
         if count < 1:
             raise ValidationError("--workers must be at least 1")
+    if count == 1:
+        serve_forever(settings, run_control_plane)  # one process: no supervisor, nothing to coordinate
+    else:
         serve_workers(settings, count, control_plane)
     return None
 
@@ -244,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         nargs="?",
         const="auto",
-        default=None,
+        default="auto",
         metavar="N",
-        help="run N data-plane processes sharing the port (SO_REUSEPORT) under a supervisor; "
-        "--workers alone: one per core; without it: one process, no supervisor",
+        help="data-plane processes sharing the port (SO_REUSEPORT) under a supervisor (default, or "
+        "--workers alone: one per core); --workers 1: one process, no supervisor",
     )
     serve.set_defaults(handler=_cmd_serve)
 

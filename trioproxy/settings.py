@@ -99,9 +99,11 @@ class Settings:
     allow_private_upstreams: bool = False
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For we believe
     drain_timeout: float = 30.0
-    # Gateway processes (instances x workers) sharing the limits; without Redis each gets limit // instances.
+    # Gateway instances (hosts, or separate `serve` commands) sharing the limits. Without Redis each instance
+    # gets limit // instances (its workers share that share exactly, through their supervisor).
     instances: int = 1
-    # When Redis is unreachable: "fail_open_local" (local limits divided by `instances`) or "fail_closed" (503).
+    # When Redis (or a worker's supervisor) is unreachable: "fail_open_local" (local limits divided by the
+    # processes sharing them, instances x workers) or "fail_closed" (503).
     redis_failure_policy: str = "fail_open_local"
     # Token-free probes (model lists) of ejected and idle provider keys.
     active_health_checks: bool = False
@@ -110,6 +112,10 @@ class Settings:
     # Set by the `serve --workers N` supervisor in each data-plane process it starts (0..N-1): the proxy listener
     # then binds with SO_REUSEPORT, and the worker has a metering spool of its own (the spool is flock'ed).
     worker_index: int | None = None
+    # Also set by the supervisor: the size of the group, and the inherited socket to the supervisor (limits and
+    # key states shared by the workers, reports for the admin plane; see trioproxy.coordinator).
+    worker_count: int | None = None
+    supervisor_fd: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     metering: MeteringSettings = field(default_factory=MeteringSettings)

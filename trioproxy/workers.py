@@ -2,8 +2,11 @@
 
 A single trio process is CPU-bound on one core (docs/BENCHMARKS.md), so the data plane scales out with processes
 that each bind the proxy port with ``SO_REUSEPORT``; the kernel spreads new connections among their listeners.
-Nothing is shared in memory: each worker has its own snapshot, connection pool and metering writer, and they meet
-in the database (SQLite in WAL mode with a busy timeout, or PostgreSQL).
+Each worker has its own snapshot, connection pool and metering writer; they meet in the database (SQLite in WAL
+mode with a busy timeout, or PostgreSQL) and in the supervisor, whose :class:`~trioproxy.coordinator.Coordinator`
+keeps what must be one for the whole group: the limit counters (without Redis), the provider key states, and
+the reports the admin plane gathers (metrics, balancer status). Each worker reaches it over a socket pair it
+inherits (``TRIOPROXY_SUPERVISOR_FD``).
 
 The supervisor (this process) serves no traffic. In order, it:
 
@@ -14,8 +17,9 @@ The supervisor (this process) serves no traffic. In order, it:
 3. reserves the port with a bound, non-listening ``SO_REUSEPORT`` socket: port 0 becomes one port for every
    worker, and no other program can take the port while a worker restarts;
 4. starts worker ``i`` as ``python -m trioproxy.workers`` with ``TRIOPROXY_WORKER_INDEX=i`` (its own spool,
-   ``metering-<i>.spool``, since a spool is ``flock``-ed by one process) and the reserved port; it relays each
-   worker's stdout and prints ``trioproxy: proxy listening on HOST:PORT (N workers)`` once all are listening;
+   ``metering-<i>.spool``, since a spool is ``flock``-ed by one process), the group's size, the reserved port
+   and its end of a new socket pair to the coordinator (served until the worker exits); it relays each
+   worker's stdout and prints ``trioproxy: proxy listening on HOST:PORT`` once all are listening;
 5. restarts a worker that dies, after a back-off that doubles while it keeps dying young; a worker that dies
    before the group was first ready fails the start (exit 1) instead of looping on a bad configuration;
 6. on SIGTERM or SIGINT sends SIGTERM to every worker (each drains its requests and flushes its metering, as a
@@ -50,6 +54,7 @@ import trio
 from sqlalchemy import Engine
 
 from trioproxy.app import METERING_FLUSH_TIMEOUT, ControlPlane, RunningGateway, open_store, run_gateway
+from trioproxy.coordinator import Coordinator
 from trioproxy.errors import TrioProxyError
 from trioproxy.metering import MeteringWriter
 from trioproxy.settings import Settings
@@ -71,7 +76,8 @@ PARENT_POLL_SECONDS = 0.5
 # Replaying one orphaned spool into the database, at start.
 ORPHAN_REPLAY_TIMEOUT = 30.0
 
-_LISTENING = re.compile(rb"listening on ")
+# The line a worker prints once its proxy listener is up (see _run_worker).
+_LISTENING = re.compile(rb"^trioproxy: worker \d+ \(pid \d+\) listening on ")
 _SPOOL_NAME = re.compile(r"^metering(?:-(\d+))?\.spool$")
 
 
@@ -144,7 +150,7 @@ async def _supervise(settings: Settings, count: int, port: int, control_plane: s
         await _replay_orphan_spools(settings, count, engine)
     finally:
         await trio.to_thread.run_sync(engine.dispose)
-    group = _WorkerGroup(settings, count, port, control_plane)
+    group = _WorkerGroup(settings, count, port, control_plane, Coordinator(instances=settings.instances))
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             group.nursery_scope = nursery.cancel_scope
@@ -190,6 +196,7 @@ class _WorkerGroup:
     count: int
     port: int
     control_plane: str | None = None  # "module:function", run by worker 0
+    coordinator: Coordinator = field(default_factory=Coordinator)  # what the workers share
     nursery_scope: trio.CancelScope | None = None
     failures: list[str] = field(default_factory=list)
     _processes: dict[int, trio.Process] = field(default_factory=dict)
@@ -213,6 +220,7 @@ class _WorkerGroup:
         env = {
             **os.environ,
             "TRIOPROXY_WORKER_INDEX": str(index),
+            "TRIOPROXY_WORKER_COUNT": str(self.count),
             "TRIOPROXY_PROXY_PORT": str(self.port),
         }
         while not self._stopping.is_set():
@@ -220,12 +228,24 @@ class _WorkerGroup:
             command = [sys.executable, "-m", "trioproxy.workers"]
             if index == 0 and self.control_plane is not None:
                 command += ["--control-plane", self.control_plane]
-            process = await trio.lowlevel.open_process(command, env=env, stdout=subprocess.PIPE)
+            # The worker's end of its channel to the coordinator is inherited under the same fd number.
+            ours, theirs = socket.socketpair()
+            try:
+                env["TRIOPROXY_SUPERVISOR_FD"] = str(theirs.fileno())
+                process = await trio.lowlevel.open_process(
+                    command, env=env, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),)
+                )
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
             self._processes[index] = process
             was_ready = False
             try:
                 async with trio.open_nursery() as relay:
                     relay.start_soon(self._relay, index, process)
+                    relay.start_soon(self.coordinator.serve_worker, index, ours)
                     code = await process.wait()
                 was_ready = index in self._ready
             finally:
@@ -280,7 +300,8 @@ class _WorkerGroup:
         if not self._all_ready.is_set() and len(self._ready) == self.count:
             self._all_ready.set()
             host = self.settings.proxy_host
-            print(f"trioproxy: proxy listening on {host}:{self.port} ({self.count} workers)", flush=True)
+            print(f"trioproxy: {self.count} workers ready", flush=True)
+            print(f"trioproxy: proxy listening on {host}:{self.port}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- worker
@@ -293,6 +314,10 @@ async def _run_worker(settings: Settings, control_plane: ControlPlane | None = N
             gateway: RunningGateway = await nursery.start(
                 functools.partial(run_gateway, settings, control_plane=control_plane)
             )
+            # The admin line first: the supervisor announces the group once every worker's line arrived, and
+            # whoever waits for that announcement expects to know the admin port by then.
+            if gateway.admin_port is not None:
+                print(f"trioproxy: admin listening on {settings.admin_host}:{gateway.admin_port}", flush=True)
             print(
                 f"trioproxy: worker {settings.worker_index} (pid {os.getpid()}) listening on "
                 f"{settings.proxy_host}:{gateway.proxy_port}",

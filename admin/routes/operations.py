@@ -37,7 +37,7 @@ import trioproxy
 from admin.errors import ApiError
 from admin.rbac import Access, current_actor, requires
 from admin.schemas import Output, ProviderKeyOut
-from admin.state import AdminState, get_state
+from admin.state import AdminState, gather_reports, get_state
 from trioproxy.app import RunningGateway
 from trioproxy.balancer import STRATEGY_NAMES, KeyState
 from trioproxy.limits.admission import find_gateway_key
@@ -48,6 +48,7 @@ from trioproxy.store import gateway_key_store, provisioning
 from trioproxy.store.actor import Actor, audit
 from trioproxy.store.audit import is_secret_field
 from trioproxy.store.db import write_session
+from trioproxy.worker_reports import merge_balancer_status, merge_data_plane
 
 bp = Blueprint("operations", __name__)
 
@@ -103,6 +104,9 @@ class DataPlaneHealth(Output):
     in_flight: int | None = None
     connections: ConnectionsOut | None = None
     metering: MeteringOut | None = None
+    workers: int | None = Field(
+        default=None, description="data-plane processes whose figures are summed here"
+    )
 
 
 class KeyStatesOut(Output):
@@ -141,7 +145,8 @@ class SystemInfoOut(Output):
     hosts: HostsOut
     ports: PortsOut
     worker_index: int | None = Field(description="this process's index under serve --workers, else null")
-    instances: int = Field(description="gateway processes sharing the limits (instances x workers)")
+    workers: int = Field(description="data-plane processes of this instance (serve --workers N), 1 without")
+    instances: int = Field(description="gateway instances sharing the limits through Redis")
     data_plane: bool
     config_version: int | None
     database: InfraOut | None = Field(description="shown to callers who see every tenant")
@@ -407,15 +412,8 @@ async def health_detailed() -> dict[str, Any]:
     provider_keys = None
     if gateway is not None:
         redis["limits_backend"] = gateway.admission.backend_name
-        pool, metering, snapshot = gateway.pool.stats(), gateway.metering.stats, gateway.snapshots.current
-        data_plane = {
-            "running": True,
-            "proxy_port": gateway.proxy_port,
-            "config_version": snapshot.version,
-            "in_flight": gateway.server.active_requests,
-            "connections": dataclasses.asdict(pool),
-            "metering": dataclasses.asdict(metering),
-        }
+        snapshot = gateway.snapshots.current
+        data_plane = merge_data_plane(await gather_reports(gateway, "data_plane"))
         states: Counter[str] = Counter()
         for key_id in _visible_key_ids(snapshot, current_actor()):
             states[_key_health(gateway, key_id)["state"]] += 1
@@ -453,6 +451,7 @@ async def system_info() -> dict[str, Any]:
             "admin": gateway.admin_port if gateway is not None else None,
         },
         "worker_index": settings.worker_index,
+        "workers": settings.worker_count or 1,
         "instances": settings.instances,
         "data_plane": gateway is not None,
         "config_version": gateway.snapshots.current.version if gateway is not None else None,
@@ -501,7 +500,7 @@ async def balancer_status() -> dict[str, Any]:
         return {"data_plane": False, "config_version": None, "pools": []}
     gateway = state.gateway
     snapshot = gateway.snapshots.current
-    pools = gateway.balancer.status(snapshot, now=trio.current_time())
+    pools = merge_balancer_status(await gather_reports(gateway, "balancer"))
     owner = current_actor().owner_filter()
     if owner is not None:
         mine = {g.id for g in snapshot.gateway_keys.values() if g.owner_id == owner}

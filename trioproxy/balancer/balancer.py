@@ -239,6 +239,11 @@ class Balancer:
         self._refresh(health, now)
         return True
 
+    def follow(self, snapshot: Snapshot, *, now: float) -> None:
+        """Take in ``snapshot``'s keys now rather than at the next pick: a state shared by another process is
+        adopted only for keys this balancer knows. Cheap when the snapshot is the one it follows already."""
+        self._observe(snapshot, now)
+
     def subscribe(self, listener: Callable[[Transition], None]) -> None:
         """Call ``listener`` with every state change, local and remote (``Transition.remote``)."""
         self._listeners.append(listener)

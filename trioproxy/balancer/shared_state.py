@@ -1,15 +1,10 @@
 """Key states shared between gateway instances through Redis, so a key one instance saw fail is avoided by all.
 
-Each instance publishes the state changes its own traffic decided (not the ones a deadline made, which every
-instance sees by itself, nor the ones it learned from others) as one Redis hash per provider key::
-
-    {prefix}:key:{id}  state  deadline (unix time, "" for none)  reason  changed_at (unix time)  ejections  origin
-
-with a TTL, and bumps ``{prefix}:version`` in the same MULTI. Every instance polls the version (one GET per
-``poll_interval``) and, when it moved, reads the hashes of the keys in its snapshot and hands the ones from other
-instances to :meth:`Balancer.apply_remote`, which adopts a state only when it is newer than what the instance
-knows. Deadlines travel as wall-clock unix times and are turned back into ``trio.current_time()`` on arrival, so
-clocks only need to agree to NTP accuracy. A poll rather than pub/sub keeps every wait bounded and nothing lost
+Each instance publishes the state changes its own traffic decided (which ones, and their fields, are in
+:mod:`trioproxy.balancer.state_sync`) as one Redis hash per provider key, ``{prefix}:key:{id}``, with a TTL,
+and bumps ``{prefix}:version`` in the same MULTI. Every instance polls the version (one GET per ``poll_interval``)
+and, when it moved, reads the hashes of the keys in its snapshot and adopts the ones from other
+instances that are newer than what it knows. A poll rather than pub/sub keeps every wait bounded and nothing lost
 while a connection is down: the hashes are the state of record, the version only says "look again".
 
 Resource handling: :meth:`SharedKeyStates.run` owns one coredis client (and its connection pool) for as long as
@@ -34,13 +29,12 @@ import coredis.exceptions
 import trio
 
 from trioproxy.balancer.balancer import Balancer
-from trioproxy.balancer.health import KeyState, Transition
+from trioproxy.balancer.health import Transition
+from trioproxy.balancer.state_sync import adopt_fields, transition_fields
 from trioproxy.redis_client import redis_client
 
 logger = logging.getLogger(__name__)
 
-# Adopting these needs no local event; HALF_OPEN is an instance's own business (its trial, its timer).
-_SHARED_STATES = frozenset({KeyState.ACTIVE, KeyState.COOLING_DOWN, KeyState.EJECTED, KeyState.INVALID})
 _REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
 
@@ -95,23 +89,10 @@ class SharedKeyStates:
     # -- the balancer's side (synchronous, on the request path) --------------------------------------------------
 
     def _on_transition(self, transition: Transition) -> None:
-        if transition.remote or transition.timer or transition.new not in _SHARED_STATES:
-            return
-        changed_at = self._balancer.changed_at(transition.key_id)
-        if changed_at is None:
-            return
-        deadline = (
-            "" if transition.deadline is None else repr(changed_at + transition.deadline - transition.at)
-        )
-        self._pending[transition.key_id] = {
-            "state": transition.new.value,
-            "deadline": deadline,
-            "reason": transition.reason,
-            "changed_at": repr(changed_at),
-            "ejections": str(transition.ejections),
-            "origin": self.instance_id,
-        }
-        self._wakeup.set()
+        fields = transition_fields(self._balancer, transition, self.instance_id)
+        if fields is not None:
+            self._pending[transition.key_id] = fields
+            self._wakeup.set()
 
     # -- the task -----------------------------------------------------------------------------------------------
 
@@ -175,32 +156,12 @@ class SharedKeyStates:
         self._seen = seen
 
     def _merge(self, key_id: int, fields: Mapping[str, Any]) -> None:
-        if fields.get("origin") == self.instance_id:
-            return
-        try:
-            state = KeyState(fields["state"])
-            changed_at = float(fields["changed_at"])
-            ejections = int(fields.get("ejections") or 0)
-            deadline = float(fields["deadline"]) if fields.get("deadline") else None
-        except (KeyError, ValueError):
-            logger.debug("ignoring a malformed shared state for provider key %d", key_id)
-            return
-        if state not in _SHARED_STATES:
-            return
-        wall_now = self._wall_clock()
-        if (
-            deadline is not None
-            and deadline <= wall_now
-            and state in (KeyState.COOLING_DOWN, KeyState.EJECTED)
-        ):
-            deadline = wall_now  # already over: adopt it and let the timer move it on at once
-        adopted = self._balancer.apply_remote(
+        adopted = adopt_fields(
+            self._balancer,
             key_id,
-            state,
-            deadline_in=None if deadline is None else deadline - wall_now,
-            reason=str(fields.get("reason", "")),
-            changed_at=changed_at,
-            ejections=ejections,
+            fields,
+            origin=self.instance_id,
+            wall_now=self._wall_clock(),
             now=trio.current_time(),
         )
         self.applied += adopted

@@ -8,12 +8,13 @@ Request path (``forward.py``)::
     finally: admission.settle(verdict.reservation, tokens, cost)  # or admission.release(...) on failure
 
 ``settle`` and ``release`` never wait (they are safe in a ``finally`` that runs while cancelled): an in-process
-backend applies them at once; for Redis they are queued and applied by :meth:`Admission.run`, retried through
-an outage. Until then the reservation keeps holding its estimate, which errs on the safe side.
+backend applies them at once; for a shared backend (Redis, or the supervisor of a worker group) they are queued
+and applied by :meth:`Admission.run`, retried through an outage. Until then the reservation keeps holding its
+estimate, which errs on the safe side.
 
-Resource handling: :func:`open_admission` owns the Redis client and the settlement task; on exit it gives queued
-settlements a bounded grace to reach Redis. Error handling: Redis failures never reach the caller; they switch
-decisions to the configured policy (:mod:`trioproxy.limits.policy`), logged once per outage. A counter whose
+Resource handling: :func:`open_admission` owns the Redis client and the settlement tasks; on exit it gives queued
+settlements a bounded grace to reach the shared backend. Error handling: its failures never reach the caller; they
+switch decisions to the configured policy (:mod:`trioproxy.limits.policy`), logged once per outage. A counter whose
 spend so far cannot be read from the database refuses its requests with 503 (whatever the policy): admitting
 them could overspend a budget the database knows is exhausted.
 """
@@ -25,7 +26,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -60,7 +61,9 @@ from trioproxy.limits.seed import SpendQuery, SpendSource, no_spend, query_for
 from trioproxy.snapshot import GatewayKeyView, ProviderKeyView, Snapshot, UserLimitsView
 
 if TYPE_CHECKING:
-    from trioproxy.limits.redis_backend import RedisBackend
+    from collections.abc import Sequence
+
+    from trioproxy.worker_link import SupervisorLink
 
 logger = logging.getLogger(__name__)
 
@@ -74,27 +77,52 @@ DRAIN_GRACE = 5.0
 SEED_THREADS = 2
 
 
+class SharedBackend(Protocol):
+    """Counters shared by several processes: Redis (:class:`~trioproxy.limits.redis_backend.RedisBackend`), or
+    the supervisor of a worker group (:class:`~trioproxy.worker_link.SupervisorLimits`)."""
+
+    name: str  # what reservations record as their backend
+    description: str  # for log lines: "Redis", "the supervisor"
+    errors: tuple[type[BaseException], ...]  # an outage: the policy applies
+    refusal: tuple[type[BaseException], ...]  # the backend answered with an error: this decision only
+
+    async def reserve(self, plan: Plan) -> Answer: ...
+
+    async def settle(self, reservation: Reservation, actual_tokens: int, actual_cost_nano: int) -> bool: ...
+
+    async def seed(self, items: Sequence[tuple[Check, int]], now: float) -> None: ...
+
+    async def used(self, checks: Sequence[Check], now: float) -> list[int | None]: ...
+
+
 class Admission:
     """Admission control for one process; see the module docstring. Construct with :func:`open_admission`."""
 
     def __init__(
-        self, settings: LimitsSettings, spend: SpendSource, redis: RedisBackend | None = None
+        self,
+        settings: LimitsSettings,
+        spend: SpendSource,
+        shared: SharedBackend | None = None,
+        *,
+        processes: int | None = None,
     ) -> None:
         self.settings = settings
         self._spend = spend
-        self._redis = redis
+        self._shared = shared
         # coredis is imported only when Redis is configured (it weighs ~14 MB per process): the exception
         # classes come from the backend; without one, these never match.
-        self._redis_errors: tuple[type[BaseException], ...] = () if redis is None else redis.errors
-        self._redis_refusal: tuple[type[BaseException], ...] = () if redis is None else redis.refusal
-        divisor = settings.instances
-        # Without Redis the limits are exact in this process; N processes each get their share.
-        self._local = LocalBackend("local", divisor=divisor) if redis is None else None
+        self._shared_errors: tuple[type[BaseException], ...] = () if shared is None else shared.errors
+        self._shared_refusal: tuple[type[BaseException], ...] = () if shared is None else shared.refusal
+        # The processes that would share the limits if the shared backend were gone: each gets its share.
+        divisor = processes if processes is not None else settings.instances
+        # Without a shared backend the limits are exact in this process.
+        self._local = LocalBackend("local", divisor=divisor) if shared is None else None
         self._fallback = (
             LocalBackend("fallback", divisor=divisor)
-            if redis is not None and settings.on_redis_failure is FailurePolicy.FAIL_OPEN_LOCAL
+            if shared is not None and settings.on_redis_failure is FailurePolicy.FAIL_OPEN_LOCAL
             else None
         )
+        self._divisor = divisor
         self._health = RedisHealth(settings.redis_retry_interval)
         self._seeding: dict[str, trio.Event] = {}
         self._seed_limiter = trio.CapacityLimiter(SEED_THREADS)
@@ -116,11 +144,11 @@ class Admission:
 
     @property
     def backend_name(self) -> str:
-        if self._redis is None:
+        if self._shared is None:
             return "local"
         if self._health.down:
             return "fallback" if self._fallback is not None else "none"
-        return "redis"
+        return self._shared.name
 
     # -- admission --------------------------------------------------------------------------------------------
 
@@ -163,24 +191,24 @@ class Admission:
     async def _reserve(self, plan: Plan) -> tuple[str, Answer | Refused]:
         if self._local is not None:
             return self._local.name, self._local.reserve(plan)
-        assert self._redis is not None
+        assert self._shared is not None
         if self._health.should_try(trio.current_time()):
             try:
                 # Shielded and bounded: a reservation made in Redis must come back to its caller, even when
                 # the client hung up meanwhile, or it would hold its lease for minutes.
                 with trio.fail_after(self.settings.redis_timeout, shield=True):
-                    answer = await self._redis.reserve(plan)
-            except self._redis_refusal as exc:
+                    answer = await self._shared.reserve(plan)
+            except self._shared_refusal as exc:
                 # Redis answered, with an error (a key of the wrong type, a script error): not an outage, so
                 # the other keys stay on Redis; this request gets the policy.
-                logger.error("limits: Redis rejected a decision: %s", exc)
-            except self._redis_errors as exc:
-                self._redis_failed(exc)
+                logger.error("limits: %s rejected a decision: %s", self._shared.description, exc)
+            except self._shared_errors as exc:
+                self._shared_failed(exc)
                 # The script may have run before the reply was lost: undo it once Redis is back.
-                self._enqueue(reservation_for(plan, self._redis.name), 0, 0, undo=True)
+                self._enqueue(reservation_for(plan, self._shared.name), 0, 0, undo=True)
             else:
-                self._redis_succeeded()
-                return self._redis.name, answer
+                self._shared_succeeded()
+                return self._shared.name, answer
         self.stats["degraded"] += 1
         if self._fallback is None:
             return "none", _unavailable("the shared limits store is unreachable")
@@ -216,14 +244,14 @@ class Admission:
         return None
 
     async def _store_seeds(self, backend: str, items: list[tuple[Check, int]], now: float) -> None:
-        if backend == "redis" and self._redis is not None:
+        if self._shared is not None and backend == self._shared.name:
             try:
                 with trio.fail_after(self.settings.redis_timeout, shield=True):
-                    await self._redis.seed(items, now)
-            except self._redis_errors as exc:
-                self._redis_failed(exc)  # the next round goes to the policy
+                    await self._shared.seed(items, now)
+            except self._shared_errors as exc:
+                self._shared_failed(exc)  # the next round goes to the policy
             else:
-                self._redis_succeeded()
+                self._shared_succeeded()
             return
         local = self._local if backend == "local" else self._fallback
         if local is not None:
@@ -240,7 +268,7 @@ class Admission:
         self._open.discard(reservation.rid)
         cost = 0 if actual_cost is None else max(0, usd_to_nano(actual_cost))
         tokens = max(0, int(actual_tokens))
-        if reservation.backend == "redis":
+        if self._shared is not None and reservation.backend == self._shared.name:
             self._enqueue(reservation, tokens, cost)
             return
         local = self._local if reservation.backend == "local" else self._fallback
@@ -269,7 +297,7 @@ class Admission:
             task_status.started()
 
     async def _settle_worker(self) -> None:
-        assert self._redis is not None
+        assert self._shared is not None
         while True:
             if not self._pending:
                 self._work = trio.Event() if self._work.is_set() else self._work
@@ -282,17 +310,18 @@ class Admission:
             self._in_flight += 1
             try:
                 with trio.fail_after(self.settings.redis_timeout):
-                    await self._redis.settle(*item[:3])
-            except self._redis_refusal as exc:
-                logger.error("limits: Redis rejected a settlement (dropped): %s", exc)  # retrying cannot help
-            except self._redis_errors as exc:
+                    await self._shared.settle(*item[:3])
+            except self._shared_refusal as exc:
+                # Retrying cannot help.
+                logger.error("limits: %s rejected a settlement (dropped): %s", self._shared.description, exc)
+            except self._shared_errors as exc:
                 self._pending.appendleft(item)  # idempotent by its marker: a retry counts once
-                self._redis_failed(exc)
+                self._shared_failed(exc)
             except BaseException:
                 self._pending.appendleft(item)  # cancelled: keep it for drain() or the log line on exit
                 raise
             else:
-                self._redis_succeeded()
+                self._shared_succeeded()
             finally:
                 self._in_flight -= 1
                 self._idle.set()  # drain() looks again
@@ -300,31 +329,40 @@ class Admission:
     async def drain(self) -> None:
         """Wait until the queued settlements reached Redis (the caller bounds this with a deadline); returns at
         once while Redis is known to be down."""
-        while (self._pending or self._in_flight) and self._redis is not None and not self._health.down:
+        while (self._pending or self._in_flight) and self._shared is not None and not self._health.down:
             self._idle = trio.Event()
             await self._idle.wait()
         lost = sum(1 for *_, undo in self._pending if not undo)
         if lost:
             # Their reservations keep holding the estimates until their leases end.
-            logger.error("limits: %s settlements could not reach Redis", lost)
+            where = self._shared.description if self._shared is not None else "the shared backend"
+            logger.error("limits: %s settlements could not reach %s", lost, where)
 
     # -- health -----------------------------------------------------------------------------------------------
 
-    def _redis_failed(self, exc: BaseException) -> None:
+    @property
+    def _where(self) -> str:
+        return self._shared.description if self._shared is not None else "the shared backend"
+
+    def _shared_failed(self, exc: BaseException) -> None:
         if self._health.failed(trio.current_time()):
             policy = self.settings.on_redis_failure
             detail = (
-                f"local limits divided by {self.settings.instances}"
+                f"local limits divided by {self._divisor}"
                 if policy is FailurePolicy.FAIL_OPEN_LOCAL
                 else "requests with limits are refused"
             )
             logger.warning(
-                "limits: Redis unreachable (%s); applying %s: %s", type(exc).__name__, policy, detail
+                "limits: %s unreachable (%s); applying %s: %s",
+                self._where,
+                type(exc).__name__,
+                policy,
+                detail,
             )
 
-    def _redis_succeeded(self) -> None:
+    def _shared_succeeded(self) -> None:
         if self._health.succeeded():
-            logger.warning("limits: Redis reachable again after %s failures", self._health.failures)
+            logger.warning("limits: %s reachable again after %s failures", self._where, self._health.failures)
             self._health.failures = 0
             if self._fallback is not None:
                 # Its counters describe the outage only; the next outage seeds afresh from the database.
@@ -394,12 +432,12 @@ class Admission:
         }
 
     async def _current(self, checks: list[Check], now: float) -> tuple[str, list[int | None]]:
-        if self._redis is not None and not self._health.down:
+        if self._shared is not None and not self._health.down:
             try:
                 with trio.fail_after(self.settings.redis_timeout):
-                    return self._redis.name, await self._redis.used(checks, now)
-            except self._redis_errors as exc:
-                self._redis_failed(exc)
+                    return self._shared.name, await self._shared.used(checks, now)
+            except self._shared_errors as exc:
+                self._shared_failed(exc)
         local = self._local if self._local is not None else self._fallback
         if local is None:
             return "none", [None] * len(checks)
@@ -457,26 +495,52 @@ def find_gateway_key(snapshot: Snapshot, gateway_key_id: int) -> GatewayKeyView 
 
 
 @contextlib.asynccontextmanager
-async def open_admission(settings: LimitsSettings, spend: SpendSource) -> AsyncIterator[Admission]:
-    """The process's :class:`Admission`: in-process without ``settings.redis_url``, shared through Redis with
-    it (the Redis client and the settlement tasks live as long as the ``async with`` block)."""
-    if settings.redis_url is None:
-        yield Admission(settings, spend)
-        return
-    from trioproxy.limits.redis_backend import RedisBackend
+async def open_admission(
+    settings: LimitsSettings,
+    spend: SpendSource,
+    supervisor: SupervisorLink | None = None,
+    *,
+    processes: int | None = None,
+) -> AsyncIterator[Admission]:
+    """The process's :class:`Admission`, shared through Redis with ``settings.redis_url``, else through the
+    ``supervisor`` of its worker group, else in-process. The Redis client and the settlement tasks live as long
+    as the ``async with`` block.
 
-    async with RedisBackend.open(
-        settings.redis_url,
-        settings.redis_prefix,
-        connect_timeout=settings.redis_timeout,
-        stream_timeout=settings.redis_timeout,
-    ) as redis:
-        admission = Admission(settings, spend, redis)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(admission.run)
-            try:
-                yield admission
-            finally:
-                with trio.move_on_after(DRAIN_GRACE, shield=True):
-                    await admission.drain()
-                nursery.cancel_scope.cancel()
+    ``processes``: how many processes share the limits (instances times workers), each one's share while the
+    shared backend is unreachable; ``settings.instances`` when None."""
+    if settings.redis_url is not None:
+        from trioproxy.limits.redis_backend import RedisBackend
+
+        async with (
+            RedisBackend.open(
+                settings.redis_url,
+                settings.redis_prefix,
+                connect_timeout=settings.redis_timeout,
+                stream_timeout=settings.redis_timeout,
+            ) as redis,
+            _settling(Admission(settings, spend, redis, processes=processes)) as admission,
+        ):
+            yield admission
+        return
+    if supervisor is not None:
+        from trioproxy.worker_link import SupervisorLimits
+
+        async with _settling(
+            Admission(settings, spend, SupervisorLimits(supervisor), processes=processes)
+        ) as admission:
+            yield admission
+        return
+    yield Admission(settings, spend, processes=processes)
+
+
+@contextlib.asynccontextmanager
+async def _settling(admission: Admission) -> AsyncIterator[Admission]:
+    """Run the admission's settlement tasks; on exit, give queued settlements a bounded grace."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(admission.run)
+        try:
+            yield admission
+        finally:
+            with trio.move_on_after(DRAIN_GRACE, shield=True):
+                await admission.drain()
+            nursery.cancel_scope.cancel()

@@ -2,12 +2,16 @@
 
 Two policies, chosen by the operator (``LimitsSettings.on_redis_failure``):
 
-* ``fail_open_local`` (default): each instance keeps admitting on an in-process stand-in whose limits are divided
-  by ``instances``, the number of gateway instances sharing the Redis: rates and concurrency get ``limit // N``,
-  counters ``spend + (limit - spend) // N`` after seeding the spend so far from the database. N instances
-  together stay within every limit (never ``limit`` per instance, the failure mode of LiteLLM #35533).
+* ``fail_open_local`` (default): each process keeps admitting on an in-process stand-in whose limits are divided
+  by N, the number of processes sharing the limits (``instances`` times the workers of each): rates and
+  concurrency get ``limit // N``, counters ``spend + (limit - spend) // N`` after seeding the spend so far from
+  the database. N processes together stay within every limit (never ``limit`` per process, the failure mode of
+  LiteLLM #35533).
 * ``fail_closed``: every request that has a limit is refused with 503 until Redis answers again. Requests of
   keys without any limit never touch Redis and are not affected.
+
+The same policy applies to a worker of ``serve --workers N`` whose supervisor, which holds the group's counters
+when there is no Redis, does not answer in time.
 
 :class:`RedisHealth` avoids paying Redis' timeout on every request during an outage: after a failure, decisions go
 to the policy for ``retry_interval`` seconds before Redis is tried again. Transitions are returned so the caller
@@ -33,7 +37,7 @@ class LimitsSettings:
     redis_url: str | None = None
     redis_prefix: str = "trioproxy"
     on_redis_failure: FailurePolicy = FailurePolicy.FAIL_OPEN_LOCAL
-    # Gateway processes sharing the limits (instances times workers); the divisor of the local stand-in.
+    # Gateway instances sharing the limits; without Redis each instance holds limit // instances.
     instances: int = 1
     # One decision's deadline. Redis on a LAN answers in well under a millisecond, but one connection carries
     # all of a process's commands in a pipeline, and a busy host adds its scheduling delays: a timeout counts

@@ -242,6 +242,7 @@ class RedisBackend:
     """Limits shared by every instance that points at the same Redis and prefix."""
 
     name = "redis"
+    description = "Redis"
     # What a call may raise: an outage (connection, timeout) or Redis refusing a command (a script error, a
     # key of the wrong type). The admission code catches these without importing coredis itself.
     errors: tuple[type[BaseException], ...] = (
