@@ -157,6 +157,21 @@ def start_process(
 # ---------------------------------------------------------------------------------------------- /proc
 
 
+def process_role(pid: int) -> str:
+    """What a process of a lane is, from its command line: a trioproxy data-plane worker (with or without the
+    admin plane), the supervisor of a worker group, a single gateway process, or another program."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "gone"
+    if "trioproxy.workers" in argv:
+        return "worker + admin" if "--control-plane" in argv else "worker"
+    if "serve" in argv and any(arg.endswith("trioproxy") for arg in argv):
+        count = argv[argv.index("--workers") + 1] if "--workers" in argv else "auto"
+        return "gateway (one process)" if count == "1" else "supervisor"
+    return Path(argv[0]).name if argv and argv[0] else "?"
+
+
 def process_tree(root: int) -> list[int]:
     """``root`` and all its descendants (from /proc/*/stat parent pids)."""
     children: dict[int, list[int]] = {}

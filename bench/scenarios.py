@@ -39,6 +39,7 @@ from bench.lanes import (
     cpu_seconds,
     memory,
     open_fds,
+    process_role,
     process_tree,
     set_affinity,
 )
@@ -367,7 +368,7 @@ class Runner:
 
     async def _idle_one(self, lane: Lane) -> dict[str, Any]:
         pids = lane.pids()
-        per_process = {str(pid): memory([pid]) for pid in pids}
+        per_process = {str(pid): {"role": process_role(pid), **memory([pid])} for pid in pids}
         before = memory(pids)
         count = self.mode.idle_connections
         connections = await loadgen.open_idle_connections(

@@ -2,13 +2,14 @@
 
 ::
 
-    serve_forever
+    serve_forever (or a worker of `serve --workers N`, trioproxy.workers)
     └── run_gateway                       (one nursery: services, then the front)
-        ├── admission                     (limits; with Redis: its client and settlement tasks)
+        ├── supervisor link               (workers only: limits, key states, store and reports, via the supervisor)
+        ├── admission                     (limits; with Redis or a supervisor: settlement tasks)
         ├── metering writer               (batches request rows into the database)
         ├── upstream connection pool      (housekeeping of idle provider connections)
         ├── config reloader               (swaps the snapshot when the config version moves)
-        ├── shared key states             (only with Redis: key health shared across instances)
+        ├── shared key states             (with Redis: across instances; else, in a worker: across the group)
         ├── active key checks             (only when enabled: token-free probes of ejected/idle keys)
         ├── control plane :9090           (the admin API, started through the ``control_plane`` hook)
         └── front
@@ -35,17 +36,14 @@ import signal
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
-from sqlalchemy import Engine
 
 from trioproxy.balancer import Balancer
-from trioproxy.balancer.active_checks import ActiveChecker
-from trioproxy.crypto import SecretBox, load_or_create_master_key
 from trioproxy.errors import ConfigError
 from trioproxy.forward import Forwarder
-from trioproxy.limits import Admission, FailurePolicy, LimitsSettings, database_spend, open_admission
+from trioproxy.limits import Admission, FailurePolicy, LimitsSettings, open_admission
 from trioproxy.metering import MeteringWriter
 from trioproxy.metrics import Metrics
 from trioproxy.pool import ConnectionPool
@@ -53,12 +51,16 @@ from trioproxy.reloader import ConfigReloader, SnapshotHolder
 from trioproxy.server import ProxyServer
 from trioproxy.settings import Settings
 from trioproxy.ssrf import is_address_allowed
-from trioproxy.store.db import create_engine_for, migrations_current, run_migrations
-from trioproxy.store.prices import seed_prices_if_empty
-from trioproxy.store.request_log import insert_request_records
-from trioproxy.store.snapshot_loader import load_snapshot, read_config_version
+from trioproxy.supervisor_store import StoreSources, database_sources, worker_sources
 from trioproxy.worker_link import LinkedKeyStates, SupervisorLink
 from trioproxy.worker_reports import metric_families
+
+if TYPE_CHECKING:
+    # Imported where used: a worker of a group reaches the database through its supervisor and loads neither
+    # SQLAlchemy nor cryptography (docs/ARCHITECTURE.md).
+    from sqlalchemy import Engine
+
+    from trioproxy.crypto import SecretBox
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class RunningGateway:
     pool: ConnectionPool
     server: ProxyServer
     reloader: ConfigReloader
-    engine: Engine
+    engine: Engine | None  # None: a worker of a group, which reaches the database through its supervisor
     balancer: Balancer
     admission: Admission
     admin_port: int | None = None  # None: no control plane in this process
@@ -149,6 +151,10 @@ async def _supervisor_link(settings: Settings) -> AsyncIterator[SupervisorLink |
 def open_store(settings: Settings) -> tuple[Engine, SecretBox]:
     """Prepare the database (blocking: run it in a thread): migrate the embedded SQLite, check the schema, seed
     prices on first start, and load (or create) the master key for secrets at rest."""
+    from trioproxy.crypto import SecretBox, load_or_create_master_key
+    from trioproxy.store.db import create_engine_for, migrations_current, run_migrations
+    from trioproxy.store.prices import seed_prices_if_empty
+
     url = settings.resolved_database_url
     # A worker of `serve --workers N` finds the schema migrated and checked by its supervisor, which ran this
     # before starting it (so a worker never loads Alembic).
@@ -173,17 +179,15 @@ async def run_gateway(
 ) -> None:
     """Run the data plane (and ``control_plane`` beside it) until :meth:`RunningGateway.request_stop` is called,
     then shut down gracefully."""
-    engine, box = await trio.to_thread.run_sync(open_store, settings)
-    try:
+    async with (
+        _supervisor_link(settings) as link,
+        _opened_store(settings, link, for_control_plane=control_plane is not None) as (sources, engine, box),
+    ):
         reloader = ConfigReloader(
-            functools.partial(read_config_version, engine),
-            functools.partial(load_snapshot, engine, box, settings.upstream),
-            poll_interval=settings.config_poll_interval,
+            sources.read_version, sources.load_snapshot, poll_interval=settings.config_poll_interval
         )
         snapshots = await reloader.load_initial()
-        metering = MeteringWriter(
-            settings.metering, settings.spool_path, functools.partial(insert_request_records, engine)
-        )
+        metering = MeteringWriter(settings.metering, settings.spool_path, sources.insert_records)
         pool = ConnectionPool(
             max_connections_per_origin=settings.upstream.max_connections_per_origin,
             idle_expiry=settings.upstream.pool_idle_expiry,
@@ -202,12 +206,8 @@ async def run_gateway(
             instances=settings.instances,
         )
         async with (
-            _supervisor_link(settings) as link,
             open_admission(
-                limits,
-                functools.partial(database_spend, engine),
-                link,
-                processes=settings.instances * (settings.worker_count or 1),
+                limits, sources.spend, link, processes=settings.instances * (settings.worker_count or 1)
             ) as admission,
             trio.open_nursery() as services,
         ):
@@ -228,6 +228,8 @@ async def run_gateway(
             elif link is not None:
                 await services.start(LinkedKeyStates(balancer, link, lambda: snapshots.current).run)
             if settings.active_health_checks:
+                from trioproxy.balancer.active_checks import ActiveChecker
+
                 checker = ActiveChecker(
                     balancer,
                     lambda: snapshots.current,
@@ -260,6 +262,8 @@ async def run_gateway(
                     _add_reporters(link, gateway)
                 logger.info("proxy listening on %s:%s", settings.proxy_host, port)
                 if control_plane is not None:
+                    assert engine is not None
+                    assert box is not None
                     gateway.admin_port = await services.start(
                         functools.partial(control_plane, gateway, engine, box)
                     )
@@ -276,9 +280,30 @@ async def run_gateway(
                 front.cancel_scope.cancel()
             await metering.flush_and_close(METERING_FLUSH_TIMEOUT)
             services.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _opened_store(
+    settings: Settings, link: SupervisorLink | None, *, for_control_plane: bool
+) -> AsyncIterator[tuple[StoreSources, Engine | None, SecretBox | None]]:
+    """The data plane's store, and the engine and secret box when this process needs its own: a single process
+    (the data plane's store) or the worker that runs the control plane. A worker's data plane asks its
+    supervisor (:mod:`trioproxy.supervisor_store`)."""
+    engine: Engine | None = None
+    box: SecretBox | None = None
+    if link is None or for_control_plane:
+        engine, box = await trio.to_thread.run_sync(open_store, settings)
+    try:
+        if link is not None:
+            yield worker_sources(link), engine, box
+        else:
+            assert engine is not None
+            assert box is not None
+            yield database_sources(engine, box, settings.upstream), engine, box
     finally:
-        with trio.move_on_after(5, shield=True):
-            await trio.to_thread.run_sync(engine.dispose)
+        if engine is not None:
+            with trio.move_on_after(5, shield=True):
+                await trio.to_thread.run_sync(engine.dispose)
 
 
 async def _serve_until_signalled(settings: Settings, control_plane: ControlPlane | None) -> None:

@@ -9,6 +9,8 @@
   sent here as a note and passed on to every other worker, which adopts the state when it is newer than its own
   (the same rule and fields as the Redis sharing, :mod:`trioproxy.balancer.state_sync`). A worker that (re)starts
   gets the whole table first.
+* **The database**: a worker's data plane loads its snapshots, writes its request rows and reads the spend that
+  starts a limit counter through here (:mod:`trioproxy.supervisor_store`), so workers need no database code.
 * **Reports**: the admin plane (in worker 0) asks here for every worker's metrics, balancer status or data-plane
   state, and merges them (:mod:`trioproxy.worker_reports`), so ``/metrics`` and the status pages show the group.
 
@@ -35,6 +37,7 @@ import trio
 from trioproxy.ipc import Channel, ChannelClosed, RemoteError
 from trioproxy.limits.local import LocalBackend
 from trioproxy.limits.model import Answer, Check, Plan, Reservation
+from trioproxy.supervisor_store import SupervisorStore
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,15 @@ SETTLED_SWEEP_AT = 10_000
 class Coordinator:
     """Shared state of one worker group; see the module docstring."""
 
-    def __init__(self, *, instances: int = 1, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: SupervisorStore | None = None,
+        *,
+        instances: int = 1,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        # The database for the workers' data planes (None: they open their own; tests of the other parts).
+        self.store = store
         # Exact for this instance's workers; ``instances`` instances without Redis each hold their share.
         self.limits = LocalBackend("supervisor", divisor=instances)
         self._wall_clock = wall_clock
@@ -73,7 +84,10 @@ class Coordinator:
                 "used": self.used,
                 "key_state": lambda key_id, fields: self.key_state(index, key_id, fields),
             },
-            async_handlers={"gather": self.gather},
+            async_handlers={
+                "gather": self.gather,
+                **(self.store.handlers() if self.store is not None else {}),
+            },
         )
         if self._key_states:
             channel.notify("key_states", dict(self._key_states))

@@ -161,15 +161,16 @@ class Channel:
 
     # -- sending ------------------------------------------------------------------------------------------------
 
-    def notify(self, method: str, *args: Any) -> None:
-        """Queue a note for the other process; never waits. Dropped (and counted) once the channel is closed
-        or the outbox is full."""
+    def notify(self, method: str, *args: Any) -> bool:
+        """Queue a note for the other process; never waits. False when it was dropped (and counted): the
+        channel is closed or the outbox is full."""
         if self._closed or len(self._outbox) >= MAX_OUTBOX:
             self.dropped_notes += 1
             if self.dropped_notes == 1 or self.dropped_notes % 1000 == 0:
                 logger.warning("%s: %d notes dropped so far", self.name, self.dropped_notes)
-            return
+            return False
         self._send(("note", 0, method, args))
+        return True
 
     async def call(self, method: str, *args: Any) -> Any:
         """Call ``method`` in the other process and return its result. The caller bounds the wait (a reply
@@ -301,6 +302,6 @@ class Channel:
             try:
                 self._send(("reply", ident, True, result))
                 return
-            except (pickle.PicklingError, TypeError, AttributeError, ChannelBroken) as exc:
-                error = exc  # the result cannot travel: the caller gets an error instead of a hang
+            except Exception as exc:  # whatever pickling raises: the caller gets an error instead of a hang
+                error = exc
         self._send(("reply", ident, False, f"{type(error).__name__}: {error}"))

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
+from typing import Any
 
 from trioproxy.records import CostBreakdown, Usage
 from trioproxy.snapshot import ProviderKind
@@ -87,6 +88,10 @@ class PriceTable:
 
     def __len__(self) -> int:
         return len(self._prices)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The prices and aliases travel (see Snapshot.__reduce__); resolutions are rebuilt on demand.
+        return (_price_table, (list(self._prices.values()), dict(self._aliases)))
 
     def __repr__(self) -> str:
         return f"<PriceTable {len(self._prices)} models, {len(self._aliases)} aliases>"
@@ -269,3 +274,7 @@ SEED_ALIASES: Mapping[str, str] = MappingProxyType(
         "gemini-2.0-flash-lite-001": "gemini-2.0-flash-lite",
     }
 )
+
+
+def _price_table(prices: list[ModelPrice], aliases: dict[str, str]) -> PriceTable:
+    return PriceTable(prices, aliases=aliases)

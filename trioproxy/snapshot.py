@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trioproxy.pricing import PriceTable
@@ -135,4 +135,19 @@ class Snapshot:
             gateway_keys=MappingProxyType(dict(gateway_keys)),
             prices=prices,
             users=MappingProxyType({u.id: u for u in users or ()}),
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled for the workers of a group, which receive their snapshots from the supervisor (mapping
+        # proxies do not pickle: the plain mappings travel and are wrapped again on arrival).
+        return (
+            Snapshot.build,
+            (
+                self.version,
+                list(self.providers.values()),
+                list(self.provider_keys.values()),
+                dict(self.gateway_keys),
+                self.prices,
+                list(self.users.values()),
+            ),
         )

@@ -19,9 +19,11 @@ itself (:mod:`trioproxy.workers`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +38,9 @@ from trioproxy.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
+# Notes the supervisor sends on its own, which may arrive before the worker registered their handler.
+HELD_NOTES = ("key_state", "key_states")
+MAX_HELD_NOTES = 10_000
 # Gathering the group's reports: the supervisor allows each worker 2 s, this bounds the whole.
 GATHER_TIMEOUT = 5.0
 # How often key states received for keys this worker did not know yet are offered again (its snapshot may
@@ -50,6 +55,11 @@ class SupervisorLink:
         self.worker_index = worker_index
         self._fd = fd
         self._handlers: dict[str, Callable[..., Any]] = {}
+        # Notes the supervisor may send before their consumer exists (the key state table is sent as soon as a
+        # worker connects, before its balancer is built): held until :meth:`handle` registers one.
+        self._held: dict[str, list[tuple[Any, ...]]] = {}
+        for method in HELD_NOTES:
+            self._handlers[method] = functools.partial(self._hold, method)
         self._reporters: dict[str, Callable[[], Any]] = {}
         self._channel: Channel | None = None
         self._ready = trio.Event()
@@ -58,8 +68,16 @@ class SupervisorLink:
         return f"<SupervisorLink worker={self.worker_index} {self._channel!r}>"
 
     def handle(self, method: str, handler: Callable[..., Any]) -> None:
-        """Answer the supervisor's ``method`` (synchronously, in arrival order). Register before :meth:`run`."""
+        """Answer the supervisor's ``method`` (synchronously, in arrival order), from now on; notes of
+        :data:`HELD_NOTES` that arrived before are handed over first, in order."""
+        for args in self._held.pop(method, []):
+            handler(*args)
         self._handlers[method] = handler
+
+    def _hold(self, method: str, *args: Any) -> None:
+        held = self._held.setdefault(method, [])
+        if len(held) < MAX_HELD_NOTES:
+            held.append(args)
 
     def add_reporter(self, kind: str, reporter: Callable[[], Any]) -> None:
         """Answer the supervisor's ``report`` of ``kind`` with ``reporter()`` (a picklable value)."""
@@ -92,10 +110,11 @@ class SupervisorLink:
             raise ChannelClosed("the channel to the supervisor is not running")
         return await self._channel.call(method, *args)
 
-    def notify(self, method: str, *args: Any) -> None:
+    def notify(self, method: str, *args: Any) -> bool:
+        """Queue a note for the supervisor; False when it was dropped (the channel is closed)."""
         if self._channel is None:
             raise ChannelClosed("the channel to the supervisor is not running")
-        self._channel.notify(method, *args)
+        return self._channel.notify(method, *args)
 
     async def gather(self, kind: str) -> list[Any]:
         """Every live worker's report of ``kind`` (this one's included), by worker index."""
@@ -153,7 +172,8 @@ class LinkedKeyStates:
         self._balancer = balancer
         self._link = link
         self._current_snapshot = current_snapshot
-        self._origin = f"worker-{link.worker_index}"
+        # Unique per run: a restarted worker keeps its index, and must adopt what its predecessor decided.
+        self._origin = f"worker-{link.worker_index}-{uuid.uuid4().hex[:12]}"
         self._wall_clock = wall_clock
         self._received: dict[int, dict[str, str]] = {}
         self._known: frozenset[int] = frozenset()
@@ -171,10 +191,10 @@ class LinkedKeyStates:
         if fields is None:
             return
         try:
-            self._link.notify("key_state", transition.key_id, fields)
+            sent = self._link.notify("key_state", transition.key_id, fields)
         except ChannelClosed:
             return  # the supervisor is gone: this worker stops soon
-        self.published += 1
+        self.published += sent
 
     def _adopt(self, key_id: int, fields: dict[str, str]) -> None:
         self._received[key_id] = fields

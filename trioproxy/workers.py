@@ -49,9 +49,9 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
-from sqlalchemy import Engine
 
 from trioproxy.app import METERING_FLUSH_TIMEOUT, ControlPlane, RunningGateway, open_store, run_gateway
 from trioproxy.coordinator import Coordinator
@@ -59,7 +59,11 @@ from trioproxy.errors import TrioProxyError
 from trioproxy.metering import MeteringWriter
 from trioproxy.settings import Settings
 from trioproxy.spool import SpoolError
-from trioproxy.store.request_log import insert_request_records
+from trioproxy.supervisor_store import SupervisorStore
+
+if TYPE_CHECKING:
+    # The supervisor's own: a worker (this module is its entry point) reaches the database through it.
+    from sqlalchemy import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -143,23 +147,27 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 async def _supervise(settings: Settings, count: int, port: int, control_plane: str | None = None) -> None:
     try:
-        engine, _box = await trio.to_thread.run_sync(open_store, settings)
+        engine, box = await trio.to_thread.run_sync(open_store, settings)
     except TrioProxyError as exc:
         raise WorkersFailed(f"cannot prepare the store: {exc.message}") from exc
     try:
         await _replay_orphan_spools(settings, count, engine)
+        store = SupervisorStore(engine, box, settings.upstream)
+        group = _WorkerGroup(
+            settings, count, port, control_plane, Coordinator(store, instances=settings.instances)
+        )
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                group.nursery_scope = nursery.cancel_scope
+                for index in range(count):
+                    nursery.start_soon(group.keep, index)
+                async for signum in signals:
+                    logger.info("received %s: stopping %d workers", signal.Signals(signum).name, count)
+                    group.stop()
+                    break
     finally:
-        await trio.to_thread.run_sync(engine.dispose)
-    group = _WorkerGroup(settings, count, port, control_plane, Coordinator(instances=settings.instances))
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            group.nursery_scope = nursery.cancel_scope
-            for index in range(count):
-                nursery.start_soon(group.keep, index)
-            async for signum in signals:
-                logger.info("received %s: stopping %d workers", signal.Signals(signum).name, count)
-                group.stop()
-                break
+        with trio.move_on_after(KILL_REAP_SECONDS, shield=True):
+            await trio.to_thread.run_sync(engine.dispose)
     if group.failures:
         raise WorkersFailed("workers did not stop cleanly: " + "; ".join(group.failures))
 
@@ -167,6 +175,8 @@ async def _supervise(settings: Settings, count: int, port: int, control_plane: s
 async def _replay_orphan_spools(settings: Settings, count: int, engine: Engine) -> None:
     """Write the records of spools that no worker of this run owns into the database (they stay spooled when
     the database is unavailable: nothing is deleted)."""
+    from trioproxy.store.request_log import insert_request_records
+
     if not settings.data_dir.is_dir():
         return
     for path in sorted(settings.data_dir.iterdir()):

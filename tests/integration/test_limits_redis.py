@@ -40,7 +40,6 @@ from trioproxy.limits import (
     RefusalKind,
     Refused,
     Scope,
-    database_spend,
     no_spend,
     open_admission,
 )
@@ -50,6 +49,7 @@ from trioproxy.records import CostBreakdown, Outcome, RequestRecord, Usage
 from trioproxy.snapshot import ProviderKind
 from trioproxy.store.db import create_engine_for, run_migrations
 from trioproxy.store.request_log import insert_request_records
+from trioproxy.store.spend import database_spend
 
 pytestmark = pytest.mark.redis
 

@@ -20,7 +20,6 @@ from trioproxy.limits import (
     Refused,
     Scope,
     SpendQuery,
-    database_spend,
     open_admission,
 )
 from trioproxy.limits.model import DAY, Measure, current_period, parse_period
@@ -32,6 +31,7 @@ from trioproxy.store.db import config_session, create_engine_for, run_migrations
 from trioproxy.store.models import GatewayKey, ProviderKey, User
 from trioproxy.store.request_log import insert_request_records
 from trioproxy.store.snapshot_loader import load_snapshot
+from trioproxy.store.spend import database_spend
 
 NOW = 20_028 * DAY + 7200.0  # 2024-11-01 02:00 UTC: the first day of a month
 

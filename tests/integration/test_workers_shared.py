@@ -65,6 +65,11 @@ async def _admin(port: int, method: str, path: str, token: str | None = None, bo
     return json.loads(data)
 
 
+def _mapped_files(pid: int) -> str:
+    """The paths of the files (shared libraries of compiled extensions among them) mapped into process ``pid``."""
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
 def _sample(exposition: str, name: str, **labels: str) -> float:
     """The sum of the samples of ``name`` whose labels include ``labels``."""
     total = 0.0
@@ -128,13 +133,23 @@ async def test_two_workers_share_one_limit_one_key_health_and_one_set_of_figures
         pending = bytearray()
         try:
             admin_port = port = None
+            pids: dict[int, int] = {}
             while port is None:
                 line = await _read_line(process, pending)
                 if line.startswith("trioproxy: admin listening on "):
                     admin_port = int(line.rsplit(":", 1)[1])
                 elif line.startswith("trioproxy: proxy listening on "):
                     port = int(line.rsplit(":", 1)[1])
+                elif line.startswith("trioproxy: worker "):  # trioproxy: worker I (pid P) listening on ...
+                    words = line.split()
+                    pids[int(words[2])] = int(words[4].rstrip(")"))
             assert admin_port is not None
+            # Worker 1 reaches the database through the supervisor: no SQLAlchemy and no key decryption
+            # (cryptography) in its memory; worker 0 has them for its admin plane (which proves the check sees
+            # them when they are there).
+            assert "sqlalchemy" not in _mapped_files(pids[1])
+            assert "cryptography" not in _mapped_files(pids[1])
+            assert "sqlalchemy" in _mapped_files(pids[0])
 
             # Until the provider has refused the revoked key once (round robin reaches it within two picks).
             statuses: list[int] = []

@@ -68,7 +68,7 @@ from trioproxy.limits.model import (
     Scope,
 )
 from trioproxy.limits.policy import FailurePolicy, LimitsSettings
-from trioproxy.limits.seed import SpendQuery, SpendSource, database_spend, no_spend
+from trioproxy.limits.seed import SpendQuery, SpendSource, no_spend
 
 __all__ = [
     "Admission",
@@ -83,7 +83,6 @@ __all__ = [
     "SpendQuery",
     "SpendSource",
     "TokenEstimate",
-    "database_spend",
     "estimate_cost",
     "estimate_tokens",
     "find_gateway_key",
