@@ -312,6 +312,8 @@ def trioproxy_env(data_dir: Path, port: int) -> dict[str, str]:
             "TRIOPROXY_DRAIN_TIMEOUT": "5",
         }
     )
+    # Experiments: BENCH_TRIOPROXY_X=v reaches the gateway as TRIOPROXY_X=v (the report's commands say so).
+    env.update({k[len("BENCH_") :]: v for k, v in os.environ.items() if k.startswith("BENCH_TRIOPROXY_")})
     return env
 
 
