@@ -2,11 +2,12 @@
 
 A single trio process is CPU-bound on one core (docs/BENCHMARKS.md), so the data plane scales out with processes
 that each bind the proxy port with ``SO_REUSEPORT``; the kernel spreads new connections among their listeners.
-Each worker has its own snapshot, connection pool and metering writer; they meet in the database (SQLite in WAL
-mode with a busy timeout, or PostgreSQL) and in the supervisor, whose :class:`~trioproxy.coordinator.Coordinator`
-keeps what must be one for the whole group: the limit counters (without Redis), the provider key states, and
-the reports the admin plane gathers (metrics, balancer status). Each worker reaches it over a socket pair it
-inherits (``TRIOPROXY_SUPERVISOR_FD``).
+Each worker has its own snapshot, connection pool, metering writer and spool; they meet in the supervisor, whose
+:class:`~trioproxy.coordinator.Coordinator` keeps what must be one for the whole group: the limit counters (without Redis), the provider key states, the
+reports the admin plane gathers (metrics, balancer status), and the database as the data planes use it
+(snapshots, request rows, limit seeds; :mod:`trioproxy.supervisor_store`), so a worker loads no database code.
+Each worker reaches it over a socket pair it inherits (``TRIOPROXY_SUPERVISOR_FD``). Worker 0 also serves the
+admin API, which opens the database itself (SQLite in WAL mode with a busy timeout, or PostgreSQL).
 
 The supervisor (this process) serves no traffic. In order, it:
 
