@@ -303,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_report(docs: Path, results: dict[str, Any]) -> int:
-    plots = report.plot(results, docs / "bench")
+    try:
+        plots = report.plot(results, docs / "bench")
+    except ModuleNotFoundError as exc:  # matplotlib comes with the bench extra; the tables do not need it
+        print(f"bench: no plots ({exc.name} is not installed: pip install -e '.[bench]')", flush=True)
+        plots = []
     rel = [str(p.relative_to(docs)) for p in plots]
     report.write_section(docs / "BENCHMARKS.md", report.render(results, rel))
     results_path = docs / "bench" / "results.json"
