@@ -62,7 +62,6 @@ class SupervisorLink:
             self._handlers[method] = functools.partial(self._hold, method)
         self._reporters: dict[str, Callable[[], Any]] = {}
         self._channel: Channel | None = None
-        self._ready = trio.Event()
 
     def __repr__(self) -> str:
         return f"<SupervisorLink worker={self.worker_index} {self._channel!r}>"
@@ -93,7 +92,6 @@ class SupervisorLink:
             handlers=self._handlers,
             async_handlers={"report": self._report},
         )
-        self._ready.set()
         task_status.started()
         await self._channel.run()
         logger.warning("the channel to the supervisor is closed")
