@@ -7,11 +7,12 @@ show the group as one gateway would. How a figure combines depends on what it co
 
 * **Per-worker figures add up**: counters, histograms and summaries (every ``_bucket``, ``_sum`` and
   ``_count``); gauges of a worker's own state (requests in flight, connections, the metering queue); a key's
-  in-flight, trial and window counts and state changes; retry budgets (each worker has its own). A
+  in-flight, trial and window counts; retry budgets (each worker has its own). A
   ``_created`` timestamp is the earliest one: the group's series began when its first worker's did.
 * **Shared views are taken once**, from the first report that has them: every worker reports the same config
   snapshot and the same provider key states (a state change in one worker is adopted by the others), so a sum
-  would show N times the keys that exist. Hence :data:`SHARED_VIEW_GAUGES`, a key's state fields
+  would show N times the keys that exist (and every worker counts the state changes it adopted, so their
+  counts are taken once too). Hence :data:`SHARED_VIEW_GAUGES`, a key's state fields
   (:data:`KEY_STATE_FIELDS`) and a pool's descriptive fields and usable/available/panic. Info, stateset and
   unknown metric families describe rather than count, so they too come from the first report.
 * **Ratios are recomputed** from the summed parts (a key's success rate) or weighted by the traffic behind
@@ -64,9 +65,11 @@ KEY_STATE_FIELDS = (
     "position",
     "enabled",
     "weight",
+    # Every worker counts the changes it adopted from the others too (as trioproxy_balancer_transitions).
+    "state_changes",
 )
 # A provider key's fields counted by each worker on its own: summed.
-KEY_SUMMED_FIELDS = ("in_flight", "trial_in_flight", "window_ok", "window_failed", "state_changes")
+KEY_SUMMED_FIELDS = ("in_flight", "trial_in_flight", "window_ok", "window_failed")
 # Decimals of the figures Balancer.status rounds, so a merged figure looks like a single worker's.
 LATENCY_DECIMALS = 1  # balancer._ms
 SUCCESS_RATE_DECIMALS = 4  # Balancer._key_status

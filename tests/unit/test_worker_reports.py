@@ -397,7 +397,6 @@ def test_key_states_come_from_the_first_report_and_counts_add_up() -> None:
         "trial_in_flight": 1,
         "window_ok": 4,
         "window_failed": 4,
-        "state_changes": 3,
         "success_rate": 0.5,
     }
     assert merged_key(key_status(1, window_ok=2), key_status(1, window_ok=1))["success_rate"] == 1.0
