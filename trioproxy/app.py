@@ -222,7 +222,10 @@ async def run_gateway(
 
                 await services.start(
                     SharedKeyStates(
-                        balancer, settings.redis_url, prefix=f"{settings.redis_prefix}:balancer"
+                        balancer,
+                        settings.redis_url,
+                        prefix=f"{settings.redis_prefix}:balancer",
+                        current_snapshot=lambda: snapshots.current,
                     ).run
                 )
             elif link is not None:

@@ -151,6 +151,25 @@ async def test_a_late_instance_learns_the_current_states(redis_url: str, redis_p
         nursery.cancel_scope.cancel()
 
 
+async def test_an_instance_that_follows_its_snapshot_learns_the_states_before_its_first_request(
+    redis_url: str, redis_prefix: str
+) -> None:
+    a = Balancer()
+    a.pick(GATEWAY, SNAPSHOT, now=trio.current_time())
+    share_a = SharedKeyStates(a, redis_url, prefix=redis_prefix, poll_interval=POLL)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(share_a.run)
+        fail(a, 1, AttemptResult.connect_error(), times=5)
+        await eventually(lambda: share_a.published == 1)
+        late = Balancer()
+        share_late = SharedKeyStates(
+            late, redis_url, prefix=redis_prefix, poll_interval=POLL, current_snapshot=lambda: SNAPSHOT
+        )
+        await nursery.start(share_late.run)
+        await eventually(lambda: state_of(late, 1) is KeyState.EJECTED)  # no request has been picked
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_older_remote_state_does_not_overwrite_a_newer_local_one(
     redis_url: str, redis_prefix: str
 ) -> None:

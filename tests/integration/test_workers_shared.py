@@ -1,5 +1,6 @@
-"""`trioproxy serve --workers 2` without Redis acts as one gateway: one rate limit, one view of key health, and
-admin figures for the whole group, on real processes and sockets.
+"""`trioproxy serve --workers 2` acts as one gateway: one rate limit, one view of key health, and admin figures
+for the whole group, on real processes and sockets; without Redis through the supervisor, and with PostgreSQL and
+Redis (the several-hosts set-up) through Redis.
 
 The requests go over one new connection each, so the kernel spreads them over both workers (all of them landing
 on one worker has odds of 2**-99): a limit kept per worker would admit up to twice the limit, and a key state
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import trio
 
 from tests.integration.harness import UPSTREAM_SECRET
 from tests.integration.test_workers import _cli, _env, _read_line
+from tests.redis_support import delete_prefix
 from trioproxy.store.db import create_engine_for
 from trioproxy.store.gateway_key_store import update_gateway_key
 from trioproxy.testing.fake_upstream import FakeUpstream
@@ -83,8 +86,32 @@ def _sample(exposition: str, name: str, **labels: str) -> float:
     return total
 
 
-async def test_two_workers_share_one_limit_one_key_health_and_one_set_of_figures(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "shared_through",
+    ["supervisor", pytest.param("redis", marks=[pytest.mark.postgres, pytest.mark.redis])],
+)
+async def test_two_workers_share_one_limit_one_key_health_and_one_set_of_figures(
+    tmp_path: Path, shared_through: str, request: pytest.FixtureRequest
+) -> None:
     env = _env(tmp_path)
+    # Key states travel at once through the supervisor; through Redis, at its poll interval (1 s).
+    propagation = 0.5
+    if shared_through == "redis":
+        # Several hosts' set-up: PostgreSQL (migrated first) and Redis, here for the two workers of one host.
+        env["TRIOPROXY_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+        env["TRIOPROXY_REDIS_URL"] = request.getfixturevalue("redis_url")
+        env["TRIOPROXY_REDIS_PREFIX"] = f"trioproxy-test:{secrets.token_hex(8)}"
+        env["TRIOPROXY_REDIS_TIMEOUT"] = "5"
+        await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "trioproxy", "migrate"],
+                env=env,
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+        )
+        propagation = 2.5
     fake = FakeUpstream(accepted_keys=(UPSTREAM_SECRET,))
     async with trio.open_nursery() as nursery:
         fake_port = await nursery.start(fake.serve)
@@ -119,7 +146,9 @@ async def test_two_workers_share_one_limit_one_key_health_and_one_set_of_figures
                 "1",
             )
             assert isinstance(created, dict)
-            engine = create_engine_for(f"sqlite:///{tmp_path / 'trioproxy.db'}")
+            engine = create_engine_for(
+                env.get("TRIOPROXY_DATABASE_URL") or f"sqlite:///{tmp_path / 'trioproxy.db'}"
+            )
             try:
                 update_gateway_key(engine, int(created["id"]), {"rpm_limit": RPM})
             finally:
@@ -157,7 +186,7 @@ async def test_two_workers_share_one_limit_one_key_health_and_one_set_of_figures
                 statuses.append(await _post(port, key))
                 assert len(statuses) <= 2
             assert statuses == [200] * len(statuses)  # the refusal was retried on the good key
-            await trio.sleep(0.5)  # the INVALID state reaches the other worker through the supervisor
+            await trio.sleep(propagation)  # the INVALID state reaches the other worker
 
             async def one() -> None:
                 statuses.append(await _post(port, key))
@@ -188,7 +217,7 @@ async def test_two_workers_share_one_limit_one_key_health_and_one_set_of_figures
             health = await _admin(admin_port, "GET", "/api/health/detailed", token)
             assert isinstance(health, dict)
             assert health["data_plane"]["workers"] == 2
-            assert health["redis"]["limits_backend"] == "supervisor"
+            assert health["redis"]["limits_backend"] == shared_through
             status = await _admin(admin_port, "GET", "/api/loadbalancer/status", token)
             assert isinstance(status, dict)
             (pool,) = status["pools"]
@@ -197,7 +226,7 @@ async def test_two_workers_share_one_limit_one_key_health_and_one_set_of_figures
             assert sum(k["window_ok"] for k in pool["keys"]) == RPM
             limits = await _admin(admin_port, "GET", f"/api/keys/{pool['gateway_key_id']}/limits", token)
             assert isinstance(limits, dict)
-            assert limits["backend"] == "supervisor"
+            assert limits["backend"] == shared_through
             rpm = next(entry for entry in limits["limits"] if entry["name"] == "rpm")
             assert rpm["used"] == RPM
 
@@ -210,3 +239,5 @@ async def test_two_workers_share_one_limit_one_key_health_and_one_set_of_figures
                 await process.wait()
         assert returncode == 0
         nursery.cancel_scope.cancel()
+    if shared_through == "redis":
+        await delete_prefix(env["TRIOPROXY_REDIS_URL"], env["TRIOPROXY_REDIS_PREFIX"])

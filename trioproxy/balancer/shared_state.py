@@ -32,6 +32,7 @@ from trioproxy.balancer.balancer import Balancer
 from trioproxy.balancer.health import Transition
 from trioproxy.balancer.state_sync import adopt_fields, transition_fields
 from trioproxy.redis_client import redis_client
+from trioproxy.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,12 @@ class SharedKeyStates:
         state_ttl: float = 24 * 3600.0,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        current_snapshot: Callable[[], Snapshot] | None = None,
     ) -> None:
         self._balancer = balancer
+        # Keys are read for what the balancer knows; following the live snapshot first means an instance that
+        # has not served a pool yet still learns its keys' states before its first request picks one.
+        self._current_snapshot = current_snapshot
         self._url = redis_url
         self._prefix = prefix
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
@@ -140,6 +145,8 @@ class SharedKeyStates:
     async def _poll(self, client: coredis.Redis[str]) -> None:
         with trio.fail_after(self._op_timeout):
             version = await client.get(self.version_key)
+        if self._current_snapshot is not None:
+            self._balancer.follow(self._current_snapshot(), now=trio.current_time())
         key_ids = self._balancer.key_ids()
         # Read again when something changed, or when the snapshot brought keys not read before.
         seen = (version, frozenset(key_ids))
