@@ -22,7 +22,9 @@ from quart import current_app
 from sqlalchemy.engine import Engine
 
 from admin.auth import LoginThrottle, TokenService, jwt_key_for
+from admin.errors import ApiError
 from trioproxy.crypto import SecretBox
+from trioproxy.ipc import ChannelClosed, RemoteError
 from trioproxy.settings import Settings
 
 if TYPE_CHECKING:
@@ -88,9 +90,6 @@ def get_state() -> AdminState:
 async def gather_reports(gateway: RunningGateway, kind: str) -> list[Any]:
     """Every worker's report of ``kind`` (one, this process's, outside ``serve --workers N``); 503 when the
     supervisor cannot be reached."""
-    from admin.errors import ApiError
-    from trioproxy.ipc import ChannelClosed, RemoteError
-
     try:
         return await gateway.gather(kind)
     except (ChannelClosed, RemoteError, trio.TooSlowError) as exc:

@@ -133,14 +133,19 @@ async def test_cooldown_invalid_and_reset_travel_and_nothing_echoes(
     await with_two_instances(redis_url, redis_prefix, body)
 
 
-async def test_a_late_instance_learns_the_current_states(redis_url: str, redis_prefix: str) -> None:
+async def _eject_key_1_and_publish(nursery: trio.Nursery, redis_url: str, redis_prefix: str) -> None:
+    """An instance that ejects provider key 1 and has published it."""
     a = Balancer()
     a.pick(GATEWAY, SNAPSHOT, now=trio.current_time())
     share_a = SharedKeyStates(a, redis_url, prefix=redis_prefix, poll_interval=POLL)
+    await nursery.start(share_a.run)
+    fail(a, 1, AttemptResult.connect_error(), times=5)
+    await eventually(lambda: share_a.published == 1)
+
+
+async def test_a_late_instance_learns_the_current_states(redis_url: str, redis_prefix: str) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(share_a.run)
-        fail(a, 1, AttemptResult.connect_error(), times=5)
-        await eventually(lambda: share_a.published == 1)
+        await _eject_key_1_and_publish(nursery, redis_url, redis_prefix)
         late = Balancer()
         share_late = SharedKeyStates(late, redis_url, prefix=redis_prefix, poll_interval=POLL)
         await nursery.start(share_late.run)
@@ -154,13 +159,8 @@ async def test_a_late_instance_learns_the_current_states(redis_url: str, redis_p
 async def test_an_instance_that_follows_its_snapshot_learns_the_states_before_its_first_request(
     redis_url: str, redis_prefix: str
 ) -> None:
-    a = Balancer()
-    a.pick(GATEWAY, SNAPSHOT, now=trio.current_time())
-    share_a = SharedKeyStates(a, redis_url, prefix=redis_prefix, poll_interval=POLL)
     async with trio.open_nursery() as nursery:
-        await nursery.start(share_a.run)
-        fail(a, 1, AttemptResult.connect_error(), times=5)
-        await eventually(lambda: share_a.published == 1)
+        await _eject_key_1_and_publish(nursery, redis_url, redis_prefix)
         late = Balancer()
         share_late = SharedKeyStates(
             late, redis_url, prefix=redis_prefix, poll_interval=POLL, current_snapshot=lambda: SNAPSHOT
